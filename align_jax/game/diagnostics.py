@@ -1,0 +1,175 @@
+"""Theory diagnostics and reference selection rules for one delegation game.
+
+All functions take one game (``[N, K]`` arrays) and are ``vmap``-ed by the
+engine.  Notation: ``u_i(k)`` agent utility, ``s_i(k)`` principal score,
+``v_i(k)`` principal value (evaluation only), ``pi`` a profile ``[N, K]``.
+
+* Payoff of slot ``k`` against a profile: ``U_i(k; pi_{-i}) = u_i(k) E f(k; pi_{-i})``
+  (exact, see :mod:`align_jax.game.ranking`).
+* Deviation gain (exploitability) of agent ``i`` at profile ``pi``:
+  ``g_i = max_k U_i(k) - sum_k pi_i(k) U_i(k)``; the Nash gap is ``max_i g_i``
+  (``0`` iff ``pi`` is a Nash equilibrium of the one-shot submission game).
+* Pareto set of agent ``i``: its valid slots not dominated in
+  ``(u_i(k), s_i(k))`` by another of its own valid slots.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from align_jax.game.ranking import ranking_feedback
+from align_jax.game.types import Baselines, CandidateSet, Outcome
+
+__all__ = [
+    "slot_payoff",
+    "deviation_gain",
+    "nash_gap",
+    "pareto_mask",
+    "principal_pick",
+    "fair_single_agent",
+    "oracle",
+    "random_candidate",
+    "uniform_principal",
+    "baselines",
+]
+
+
+def slot_payoff(candidates: CandidateSet, profile: jax.Array) -> jax.Array:
+    """``U_i(k; pi_{-i}) = u_i(k) E f(k; pi_{-i})`` ``[N, K]`` (zero off valid slots)."""
+    feedback = ranking_feedback(candidates.principal_score, profile)
+    return jnp.where(candidates.valid, candidates.agent_utility * feedback, 0.0)
+
+
+def deviation_gain(candidates: CandidateSet, profile: jax.Array) -> jax.Array:
+    """Each agent's best unilateral gain ``g_i >= 0`` at ``profile`` ``[N]``."""
+    payoff = slot_payoff(candidates, profile)
+    best = jnp.max(jnp.where(candidates.valid, payoff, -jnp.inf), axis=-1)
+    current = jnp.sum(profile * payoff, axis=-1)
+    return jnp.maximum(best - current, 0.0)
+
+
+def nash_gap(candidates: CandidateSet, profile: jax.Array) -> jax.Array:
+    """``max_i g_i`` at ``profile`` (a scalar)."""
+    return jnp.max(deviation_gain(candidates, profile))
+
+
+def pareto_mask(candidates: CandidateSet) -> jax.Array:
+    """bool ``[N, K]``: valid and not dominated among the agent's own valid slots."""
+    u, s, valid = candidates.agent_utility, candidates.principal_score, candidates.valid
+    u_other, s_other = u[:, None, :], s[:, None, :]
+    u_self, s_self = u[:, :, None], s[:, :, None]
+    dominates = (
+        valid[:, None, :]
+        & (u_other >= u_self)
+        & (s_other >= s_self)
+        & ((u_other > u_self) | (s_other > s_self))
+    )
+    return valid & ~jnp.any(dominates, axis=-1)
+
+
+def principal_pick(candidates: CandidateSet, submission: jax.Array) -> tuple[jax.Array, Outcome]:
+    """The principal takes the submission with the highest score (lowest agent index on ties).
+
+    Args:
+      submission: int32 ``[N]`` slot submitted by each agent.
+
+    Returns:
+      ``(chosen_agent, Outcome)``.
+    """
+    n = submission.shape[0]
+    agents = jnp.arange(n)
+    scores = candidates.principal_score[agents, submission]
+    chosen = jnp.argmax(scores)
+    slot = submission[chosen]
+    outcome = Outcome(
+        principal_value=candidates.principal_value[chosen, slot],
+        correct=candidates.correct[chosen, slot].astype(jnp.float32),
+    )
+    return chosen.astype(jnp.int32), outcome
+
+
+def _expected_outcome(candidates: CandidateSet, weight: jax.Array) -> Outcome:
+    weight = weight / jnp.sum(weight)
+    return Outcome(
+        principal_value=jnp.sum(weight * jnp.where(candidates.valid, candidates.principal_value, 0.0)),
+        correct=jnp.sum(weight * candidates.correct.astype(jnp.float32)),
+    )
+
+
+def pooled_utility(candidates: CandidateSet) -> jax.Array:
+    """``bar u(id_i(k)) = (1/N) sum_j max_{l: id_j(l) = id_i(k)} u_j(l)`` ``[N, K]``.
+
+    With self-consistency frequencies as utilities (one slot per distinct
+    answer, frequency over each agent's K samples) this is the frequency of
+    the answer among all N*K pooled samples.
+    """
+    ids, valid, u = candidates.answer_id, candidates.valid, candidates.agent_utility
+    same = (ids[:, :, None, None] == ids[None, None, :, :]) & valid[None, None, :, :]
+    best = jnp.max(jnp.where(same, u[None, None, :, :], 0.0), axis=-1)
+    return jnp.mean(best, axis=-1)
+
+
+def fair_single_agent(candidates: CandidateSet) -> Outcome:
+    """One agent with all pooled candidates picks the answer of highest pooled utility.
+
+    Ties between answers are broken uniformly, and the submitted slot is
+    uniform among the slots carrying the chosen answer; the result is the
+    exact expectation.
+    """
+    pooled = jnp.where(candidates.valid, pooled_utility(candidates), -jnp.inf)
+    tied = candidates.valid & (pooled == jnp.max(pooled))
+    ids = candidates.answer_id
+    same = (ids[:, :, None, None] == ids[None, None, :, :]) & tied[None, None, :, :]
+    slots_of_answer = jnp.sum(same, axis=(-2, -1))
+    slots_of_answer = jnp.where(tied, slots_of_answer, 1)
+    num_answers = jnp.sum(jnp.where(tied, 1.0 / slots_of_answer, 0.0))
+    weight = jnp.where(tied, 1.0 / (slots_of_answer * num_answers), 0.0)
+    return _expected_outcome(candidates, weight)
+
+
+def oracle(candidates: CandidateSet) -> Outcome:
+    """The best valid candidate by true principal value (uniform over ties)."""
+    value = jnp.where(candidates.valid, candidates.principal_value, -jnp.inf)
+    weight = (candidates.valid & (value == jnp.max(value))).astype(jnp.float32)
+    return _expected_outcome(candidates, weight)
+
+
+def random_candidate(candidates: CandidateSet) -> Outcome:
+    """A uniformly random valid candidate (expectation)."""
+    return _expected_outcome(candidates, candidates.valid.astype(jnp.float32))
+
+
+def uniform_principal(candidates: CandidateSet) -> Outcome:
+    """Uniform random submissions, the principal picks the top score (expectation).
+
+    Slot ``(i, k)`` is picked with probability
+    ``(1/K_i) prod_{j<i} P(s_j < s_i(k)) prod_{j>i} P(s_j <= s_i(k))``
+    (the principal breaks ties toward the lower agent index).
+    """
+    s, valid = candidates.principal_score, candidates.valid
+    n = s.shape[0]
+    uniform = valid / jnp.sum(valid, axis=-1, keepdims=True)
+    query = s[:, :, None, None]
+    other = s[None, None, :, :]
+    p_less = jnp.einsum("ikjl,jl->ikj", (other < query).astype(jnp.float32), uniform)
+    p_leq = jnp.einsum("ikjl,jl->ikj", (other <= query).astype(jnp.float32), uniform)
+    agent = jnp.arange(n)
+    lower = agent[None, :] < agent[:, None]  # [i, j]: j < i
+    higher = agent[None, :] > agent[:, None]
+    factor = jnp.where(lower[:, None, :], p_less, jnp.where(higher[:, None, :], p_leq, 1.0))
+    weight = uniform * jnp.prod(factor, axis=-1)
+    return Outcome(
+        principal_value=jnp.sum(weight * jnp.where(valid, candidates.principal_value, 0.0)),
+        correct=jnp.sum(weight * candidates.correct.astype(jnp.float32)),
+    )
+
+
+def baselines(candidates: CandidateSet) -> Baselines:
+    """All reference rules of :class:`align_jax.game.types.Baselines` for one game."""
+    return Baselines(
+        fair_single=fair_single_agent(candidates),
+        oracle=oracle(candidates),
+        random=random_candidate(candidates),
+        uniform_principal=uniform_principal(candidates),
+    )

@@ -1,0 +1,63 @@
+"""Principal ranking feedback and its exact expectation under mixed strategies.
+
+For agent ``i`` submitting slot ``k`` with principal score ``s = s_i(k)``
+while the others submit ``a_{-i}``, the feedback is
+
+    f(k; a_{-i}) = 1 - 2 (#{j != i: s_j(a_j) > s} + 0.5 #{j != i: s_j(a_j) = s}) / (N - 1),
+
+so ``+1`` for the top submission, ``-1`` for the bottom, linear in between and
+ties split.  With ``N = 1`` there is nobody to be ranked against and the lone
+submission is the top: ``f = +1`` (the agent then simply maximizes its own
+utility).
+
+Because ``f`` is affine in the count of others ranked above, its expectation
+over *independent* mixed strategies ``pi_{-i}`` is exact and cheap:
+
+    E f(k) = 1 - 2 sum_{j != i} sum_l pi_j(l) c(s_j(l), s) / (N - 1),
+    c(x, s) = 1[x > s] + 0.5 1[x = s].
+
+A sampled profile is the special case ``pi_j = onehot(a_j)``, so one function
+serves both game modes.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["ranking_feedback", "outrank_weights"]
+
+
+def outrank_weights(principal_score: jax.Array) -> jax.Array:
+    """``C[i, k, j, l] = c(s_j(l), s_i(k))`` with ``C[i, :, i, :] = 0``.
+
+    Args:
+      principal_score: float ``[N, K]``.
+
+    Returns:
+      float32 ``[N, K, N, K]``.
+    """
+    n = principal_score.shape[0]
+    query = principal_score[:, :, None, None]
+    other = principal_score[None, None, :, :]
+    weights = (other > query).astype(jnp.float32) + 0.5 * (other == query).astype(jnp.float32)
+    not_self = 1.0 - jnp.eye(n, dtype=jnp.float32)
+    return weights * not_self[:, None, :, None]
+
+
+def ranking_feedback(principal_score: jax.Array, opponent_policy: jax.Array) -> jax.Array:
+    """Expected feedback ``E f(k)`` of every slot of every agent.
+
+    Args:
+      principal_score: float ``[N, K]`` scores ``s_i(k)``.
+      opponent_policy: float ``[N, K]`` each agent's mixed strategy (zero on
+        invalid slots), or one-hot rows for a sampled profile.
+
+    Returns:
+      float32 ``[N, K]`` in ``[-1, 1]``; all ones when ``N = 1``.
+    """
+    n = principal_score.shape[0]
+    if n == 1:
+        return jnp.ones(principal_score.shape, jnp.float32)
+    above = jnp.einsum("ikjl,jl->ik", outrank_weights(principal_score), opponent_policy)
+    return 1.0 - 2.0 * above / (n - 1)

@@ -1,0 +1,175 @@
+"""Token selection for the batched sampler: temperature, top-k, top-p and greedy, per row.
+
+Everything here is a pure JAX function of arrays, safe inside ``jit`` and ``while_loop``.
+Shapes: R rows (prompts x samples), V vocabulary, C candidates.
+
+Sampling rule for one row with logits ``l [V]``, temperature ``T``, nucleus mass ``p``
+and the static ``top_k``:
+
+* ``T == 0``: greedy, ``argmax l`` (ties go to the lower id); its sampling log-prob is 0.
+* otherwise the tempered distribution ``q = softmax(l / T)`` over the whole vocabulary;
+  with ``top_k`` set it is truncated to the ``top_k`` largest logits and renormalised;
+  with ``p < 1`` it is further truncated to the nucleus: the smallest prefix of the
+  candidates sorted by probability whose mass reaches ``p`` (a candidate is kept iff the
+  mass strictly before it is ``< p``; mass measured after the top-k renormalisation,
+  as in Hugging Face's ``TopKLogitsWarper`` then ``TopPLogitsWarper``).
+
+The vocabulary is never sorted: the candidate set is ``lax.top_k(l, C)`` with
+``C = top_k`` if given, else ``num_candidates`` (default 64). Without ``top_k``, a row
+with ``p < 1`` therefore draws from at most C tokens: exact whenever the nucleus holds
+at most C tokens (true for the usual ``p <= 0.95`` on trained models), a truncation to
+the C most likely tokens otherwise. A row with ``p == 1`` and no ``top_k`` draws from
+the full vocabulary by inverse-CDF sampling (one cumulative sum, no sort).
+
+Each row draws with one uniform number from its own key, so a row's token does not
+depend on which other rows share the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "SampledTokens",
+    "sample_tokens",
+    "ban_tokens",
+    "compose_processors",
+    "DEFAULT_NUM_CANDIDATES",
+]
+
+DEFAULT_NUM_CANDIDATES = 64
+
+
+class SampledTokens(NamedTuple):
+    """Tokens drawn for one decoding step.
+
+    Attributes:
+      tokens: int32 ``[R]`` chosen ids.
+      sampling_logprobs: float32 ``[R]`` log-probability of ``tokens`` under the
+        distribution actually sampled from (after temperature, top-k and top-p;
+        0 for greedy rows).
+    """
+
+    tokens: jax.Array
+    sampling_logprobs: jax.Array
+
+
+def _inverse_cdf(probs: jax.Array, uniforms: jax.Array) -> jax.Array:
+    """Index drawn from unnormalised ``probs [R, C]`` with ``uniforms [R]`` in [0, 1).
+
+    ``i = #{j : cdf_j < u * cdf_last}``: the first index whose cumulative mass reaches
+    ``u`` of the total, which always carries positive mass.
+    """
+    cdf = jnp.cumsum(probs, axis=-1)
+    threshold = uniforms[:, None] * cdf[:, -1:]
+    index = jnp.sum(cdf < threshold, axis=-1)
+    return jnp.minimum(index, probs.shape[-1] - 1).astype(jnp.int32)
+
+
+def sample_tokens(
+    keys: jax.Array,
+    logits: jax.Array,
+    temperature: jax.Array,
+    top_p: jax.Array,
+    *,
+    top_k: int | None = None,
+    num_candidates: int = DEFAULT_NUM_CANDIDATES,
+    full_vocab: bool = True,
+) -> SampledTokens:
+    """Draw one token per row (see the module docstring for the rule).
+
+    Args:
+      keys: ``[R]`` PRNG keys, one per row (typed keys or raw ``uint32 [R, 2]``);
+        each is consumed once.
+      logits: float32 ``[R, V]`` (already through any logits processor; ``-inf``
+        bans a token).
+      temperature: float32 ``[R]``, ``>= 0``; 0 means greedy.
+      top_p: float32 ``[R]`` in ``(0, 1]``.
+      top_k: static; None disables top-k.
+      num_candidates: static C used for top-p when ``top_k`` is None.
+      full_vocab: static; when False, rows with ``top_p == 1`` and no ``top_k`` are
+        also drawn from the C candidates (cheaper, the caller promises there are
+        none or accepts the truncation). The sampler sets it from the host-known
+        ``top_p`` values.
+
+    Returns:
+      :class:`SampledTokens` with ``tokens int32 [R]`` and ``sampling_logprobs f32 [R]``.
+    """
+    logits = logits.astype(jnp.float32)
+    vocab = logits.shape[-1]
+    num_cand = min(top_k if top_k is not None else num_candidates, vocab)
+    greedy = temperature <= 0.0
+    safe_temp = jnp.where(greedy, 1.0, temperature).astype(jnp.float32)
+    uniforms = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
+
+    cand_logits, cand_ids = jax.lax.top_k(logits, num_cand)  # [R, C], sorted descending
+    scaled = logits / safe_temp[:, None]
+    log_norm = jax.nn.logsumexp(scaled, axis=-1)  # [R]
+    cand_logp = cand_logits / safe_temp[:, None] - log_norm[:, None]
+    cand_p = jnp.exp(cand_logp)
+    if top_k is not None:
+        cand_p = cand_p / jnp.sum(cand_p, axis=-1, keepdims=True)
+    mass_before = jnp.cumsum(cand_p, axis=-1) - cand_p
+    keep = (mass_before < top_p[:, None]).at[:, 0].set(True)
+    kept_p = jnp.where(keep, cand_p, 0.0)
+    pick = _inverse_cdf(kept_p, uniforms)
+    cand_token = jnp.take_along_axis(cand_ids, pick[:, None], axis=-1)[:, 0]
+    picked_p = jnp.take_along_axis(kept_p, pick[:, None], axis=-1)[:, 0]
+    cand_lp = jnp.log(picked_p) - jnp.log(jnp.sum(kept_p, axis=-1))
+
+    token = cand_token
+    sampling_lp = cand_lp
+    if full_vocab and top_k is None:
+        full_p = jnp.exp(scaled - log_norm[:, None])
+        full_token = _inverse_cdf(full_p, uniforms)
+        full_lp = jnp.take_along_axis(scaled, full_token[:, None], axis=-1)[:, 0] - log_norm
+        use_full = top_p >= 1.0
+        token = jnp.where(use_full, full_token, token)
+        sampling_lp = jnp.where(use_full, full_lp, sampling_lp)
+
+    token = jnp.where(greedy, cand_ids[:, 0], token).astype(jnp.int32)
+    sampling_lp = jnp.where(greedy, 0.0, sampling_lp).astype(jnp.float32)
+    return SampledTokens(token, sampling_lp)
+
+
+LogitsProcessor = Callable[[jax.Array, Any], jax.Array]
+
+
+def ban_tokens(token_ids: Sequence[int]) -> LogitsProcessor:
+    """A logits processor setting the logits of ``token_ids`` to ``-inf`` (never sampled).
+
+    Returns ``processor(logits f32[R, V], state) -> logits``. The id list is baked in
+    as a constant; build the processor once and reuse it so ``jit`` does not retrace.
+    """
+    ids = np.asarray(sorted(set(int(t) for t in token_ids)), dtype=np.int32)
+    if ids.size == 0:
+        raise ValueError("ban_tokens: token_ids is empty")
+    if ids[0] < 0:
+        raise ValueError(f"ban_tokens: negative token id {int(ids[0])}")
+
+    def processor(logits: jax.Array, state: Any) -> jax.Array:
+        del state
+        if int(ids[-1]) >= logits.shape[-1]:
+            raise ValueError(
+                f"ban_tokens: token id {int(ids[-1])} is outside the vocabulary of size {logits.shape[-1]}"
+            )
+        return logits.at[:, ids].set(-jnp.inf)
+
+    return processor
+
+
+def compose_processors(*processors: LogitsProcessor) -> LogitsProcessor:
+    """Apply ``processors`` left to right: ``p_n(...p_2(p_1(logits, s), s)..., s)``."""
+    if not processors:
+        raise ValueError("compose_processors needs at least one processor")
+
+    def processor(logits: jax.Array, state: Any) -> jax.Array:
+        for proc in processors:
+            logits = proc(logits, state)
+        return logits
+
+    return processor

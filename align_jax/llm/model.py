@@ -1,0 +1,359 @@
+"""Decoder-only transformer in Flax NNX for the Llama (SmolLM2) and Qwen2 families.
+
+One readable file, in the style of the Flax NNX Gemma example and jax-llm-examples:
+
+* RMSNorm -> grouped-query self-attention with rotary embeddings -> residual ->
+  RMSNorm -> SwiGLU MLP -> residual, repeated ``num_layers`` times, then a final
+  RMSNorm and the (optionally tied) language-model head.
+* Grouped-query attention is computed by reshaping the queries to
+  ``[B, L, num_kv_heads, G, head_dim]`` (``G = num_heads // num_kv_heads``) and
+  contracting against the un-repeated keys/values with ``einsum``: k/v are never
+  tiled.
+* The KV cache is one static-shape array per k/v, ``[num_layers, B, S, Hkv, hd]``,
+  updated in place with ``lax.dynamic_update_slice`` so a jitted decode step that
+  donates the cache does no copies.
+* Logits are always float32 (the final matmul accumulates in float32 even when
+  the parameters are bfloat16).
+
+Shapes use B batch, L new tokens, S cache slots, V vocabulary, D hidden size,
+H query heads, Hkv key/value heads, G = H / Hkv, hd head dimension.
+
+For jitted code use :func:`forward` on ``nnx.split(model)``: the weights are then
+ordinary array arguments, never static values.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+__all__ = [
+    "ModelConfig",
+    "KVCache",
+    "init_cache",
+    "Transformer",
+    "forward",
+    "SUPPORTED_ARCHS",
+]
+
+SUPPORTED_ARCHS = ("llama", "qwen2")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Static shape of a decoder; hashable, so usable as a ``jax.jit`` static argument.
+
+    Attributes:
+      arch: ``"llama"`` or ``"qwen2"``.
+      vocab_size: V, rows of the embedding table.
+      hidden_size: D.
+      intermediate_size: width of the SwiGLU MLP.
+      num_layers: number of decoder blocks.
+      num_heads: H query heads.
+      num_kv_heads: Hkv key/value heads (H must be a multiple of Hkv).
+      head_dim: hd, per-head width (q_proj maps D -> H * hd).
+      rope_theta: RoPE base, ``inv_freq_i = theta ** (-2 i / hd)``.
+      rms_norm_eps: epsilon inside the RMSNorm square root.
+      max_position_embeddings: the model's context length (used to validate
+        cache sizes by callers).
+      tie_word_embeddings: whether the LM head reuses the embedding table.
+      attention_bias: whether q/k/v projections have biases (True for qwen2).
+      dtype: ``"float32"`` or ``"bfloat16"``, for parameters and activations.
+    """
+
+    arch: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool
+    attention_bias: bool
+    dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.arch not in SUPPORTED_ARCHS:
+            raise ValueError(
+                f"ModelConfig.arch={self.arch!r} is not supported; expected one of {SUPPORTED_ARCHS}"
+            )
+        if self.dtype not in _DTYPES:
+            raise ValueError(
+                f"ModelConfig.dtype={self.dtype!r} is not supported; expected one of {tuple(_DTYPES)}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers",
+                     "num_heads", "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"ModelConfig.{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"ModelConfig.num_heads={self.num_heads} is not a multiple of "
+                f"num_kv_heads={self.num_kv_heads}"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"ModelConfig.head_dim={self.head_dim} must be even for RoPE")
+        if not self.rope_theta > 0:
+            raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
+        if not self.rms_norm_eps > 0:
+            raise ValueError(f"ModelConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+
+    @property
+    def jnp_dtype(self):
+        """The JAX dtype named by :attr:`dtype`."""
+        return _DTYPES[self.dtype]
+
+    def replace(self, **changes) -> "ModelConfig":
+        """A copy with some fields changed (e.g. ``config.replace(dtype="bfloat16")``)."""
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        """Plain-JSON form (inverse of :meth:`from_dict`)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ModelConfig":
+        """Build from :meth:`to_dict` output; unknown keys are an error naming them."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - names)
+        if unknown:
+            raise ValueError(f"unknown ModelConfig fields {unknown}")
+        return cls(**data)
+
+
+class KVCache(NamedTuple):
+    """Static-shape key/value cache for all layers.
+
+    Attributes:
+      k: ``[num_layers, B, S, Hkv, hd]`` keys after RoPE, in the config dtype.
+      v: ``[num_layers, B, S, Hkv, hd]`` values, in the config dtype.
+    """
+
+    k: jax.Array
+    v: jax.Array
+
+
+def init_cache(config: ModelConfig, batch_size: int, max_len: int) -> KVCache:
+    """Zero cache for ``batch_size`` rows of ``max_len`` slots (``[num_layers, B, S, Hkv, hd]``)."""
+    if batch_size <= 0 or max_len <= 0:
+        raise ValueError(f"init_cache needs batch_size > 0 and max_len > 0, got {batch_size}, {max_len}")
+    shape = (config.num_layers, batch_size, max_len, config.num_kv_heads, config.head_dim)
+    return KVCache(k=jnp.zeros(shape, config.jnp_dtype), v=jnp.zeros(shape, config.jnp_dtype))
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables ``[B, L, hd/2]`` in float32 for integer ``positions [B, L]``.
+
+    ``angle[b, l, i] = positions[b, l] * theta ** (-2 i / hd)``.
+    """
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    angles = positions.astype(jnp.float32)[..., None] * inv_freq
+    return jnp.cos(angles), jnp.sin(angles)
+
+
+def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """Rotate ``x [B, L, heads, hd]`` with the half-split (Hugging Face) convention.
+
+    ``out = x * cos + rotate_half(x) * sin`` where ``rotate_half([x1, x2]) = [-x2, x1]``;
+    computed in float32 and cast back to ``x.dtype``.
+    """
+    x32 = x.astype(jnp.float32)
+    half = x.shape[-1] // 2
+    x1, x2 = x32[..., :half], x32[..., half:]
+    cos = cos[:, :, None, :]
+    sin = sin[:, :, None, :]
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """``y = scale * (x / sqrt(mean(x^2) + eps))``, normalised in float32 (as in Hugging Face Llama)."""
+
+    def __init__(self, dim: int, eps: float, dtype):
+        self.eps = eps
+        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...] * normed.astype(x.dtype)
+
+
+def _linear(cfg: ModelConfig, din: int, dout: int, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
+    dtype = cfg.jnp_dtype
+    return nnx.Linear(
+        din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype,
+        kernel_init=nnx.initializers.normal(0.02), rngs=rngs,
+    )
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention with RoPE and an optional static KV cache."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.num_heads = cfg.num_heads
+        self.num_kv_heads = cfg.num_kv_heads
+        self.head_dim = cfg.head_dim
+        d, hd = cfg.hidden_size, cfg.head_dim
+        self.q_proj = _linear(cfg, d, cfg.num_heads * hd, cfg.attention_bias, rngs)
+        self.k_proj = _linear(cfg, d, cfg.num_kv_heads * hd, cfg.attention_bias, rngs)
+        self.v_proj = _linear(cfg, d, cfg.num_kv_heads * hd, cfg.attention_bias, rngs)
+        self.o_proj = _linear(cfg, cfg.num_heads * hd, d, False, rngs)
+
+    def __call__(self, x, cos, sin, mask, layer_cache=None, layer_index=0, cache_index=0):
+        """Attend.
+
+        Args:
+          x: ``[B, L, D]`` normalised hidden states.
+          cos, sin: ``[B, L, hd/2]`` RoPE tables.
+          mask: bool ``[B, L, S]`` (or ``[B, L, L]`` without a cache): query l may see key s.
+          layer_cache: the full ``KVCache`` (all layers) or None.
+          layer_index: Python int, which layer's slice of the cache to use.
+          cache_index: int32 scalar, first slot written.
+
+        Returns:
+          ``([B, L, D], updated KVCache or None)``.
+        """
+        b, l, _ = x.shape
+        hkv, hd = self.num_kv_heads, self.head_dim
+        groups = self.num_heads // hkv
+        q = self.q_proj(x).reshape(b, l, self.num_heads, hd)
+        k = self.k_proj(x).reshape(b, l, hkv, hd)
+        v = self.v_proj(x).reshape(b, l, hkv, hd)
+        q = apply_rope(q, cos, sin)
+        k = apply_rope(k, cos, sin)
+        if layer_cache is not None:
+            start = (layer_index, 0, cache_index, 0, 0)
+            new_k = jax.lax.dynamic_update_slice(layer_cache.k, k[None].astype(layer_cache.k.dtype), start)
+            new_v = jax.lax.dynamic_update_slice(layer_cache.v, v[None].astype(layer_cache.v.dtype), start)
+            layer_cache = KVCache(new_k, new_v)
+            keys, values = new_k[layer_index], new_v[layer_index]
+        else:
+            keys, values = k, v
+        # q: [B, L, Hkv, G, hd]; keys/values: [B, S, Hkv, hd]
+        q = q.reshape(b, l, hkv, groups, hd)
+        scores = jnp.einsum(
+            "blkgd,bskd->bkgls", q, keys, preferred_element_type=jnp.float32
+        ) * (hd ** -0.5)
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        probs = jax.nn.softmax(scores, axis=-1).astype(values.dtype)
+        out = jnp.einsum("bkgls,bskd->blkgd", probs, values)
+        out = out.reshape(b, l, self.num_heads * hd)
+        return self.o_proj(out), layer_cache
+
+
+class MLP(nnx.Module):
+    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.gate_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, False, rngs)
+        self.up_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, False, rngs)
+        self.down_proj = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, False, rngs)
+
+    def __call__(self, x):
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm block: ``h += attn(norm(h)); h += mlp(norm(h))``."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype)
+        self.self_attn = Attention(cfg, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype)
+        self.mlp = MLP(cfg, rngs=rngs)
+
+    def __call__(self, h, cos, sin, mask, cache, layer_index, cache_index):
+        attn_out, cache = self.self_attn(
+            self.input_layernorm(h), cos, sin, mask, cache, layer_index, cache_index
+        )
+        h = h + attn_out
+        h = h + self.mlp(self.post_attention_layernorm(h))
+        return h, cache
+
+
+class Transformer(nnx.Module):
+    """Llama / Qwen2 decoder.
+
+    Parameter layout (kernels are ``[in, out]``, i.e. the transpose of torch's ``weight``):
+    ``embed_tokens.embedding [V, D]``, ``layers[i].self_attn.{q,k,v,o}_proj.{kernel,bias}``,
+    ``layers[i].mlp.{gate,up,down}_proj.kernel``, ``layers[i].{input,post_attention}_layernorm.scale``,
+    ``norm.scale``, and ``lm_head.kernel [D, V]`` when embeddings are untied.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        dtype = config.jnp_dtype
+        self.embed_tokens = nnx.Embed(
+            config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype,
+            embedding_init=nnx.initializers.normal(0.02), rngs=rngs,
+        )
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        if not config.tie_word_embeddings:
+            self.lm_head = _linear(config, config.hidden_size, config.vocab_size, False, rngs)
+        else:
+            self.lm_head = None
+
+    def __call__(self, tokens, positions, cache=None, cache_index=0, kv_mask=None):
+        """Run the decoder on ``L`` new tokens per row.
+
+        Args:
+          tokens: int32 ``[B, L]``.
+          positions: int32 ``[B, L]`` RoPE positions (left-padded rows start at 0
+            on their first real token).
+          cache: :class:`KVCache` ``[num_layers, B, S, Hkv, hd]`` or None.
+          cache_index: int32 scalar (may be traced): first cache slot written.
+          kv_mask: bool ``[B, S]`` with a cache, ``[B, L]`` without; False marks padding keys.
+
+        With a cache, new k/v go to slots ``[cache_index, cache_index + L)`` of every
+        row, and query ``l`` of row ``b`` attends to slot ``j`` iff
+        ``kv_mask[b, j] and j <= cache_index + l``. Without a cache, attention is
+        causal over the ``L`` tokens, masked by ``kv_mask`` if given.
+
+        Returns:
+          ``(logits float32 [B, L, V], updated KVCache or None)``.
+        """
+        b, l = tokens.shape
+        h = self.embed_tokens(tokens)
+        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+        cache_index = jnp.asarray(cache_index, jnp.int32)
+        query_pos = jnp.arange(l, dtype=jnp.int32)
+        if cache is not None:
+            s = cache.k.shape[2]
+            slots = jnp.arange(s, dtype=jnp.int32)
+            mask = slots[None, :] <= (cache_index + query_pos)[:, None]  # [L, S]
+            mask = jnp.broadcast_to(mask[None], (b, l, s))
+        else:
+            mask = jnp.broadcast_to((query_pos[None, :] <= query_pos[:, None])[None], (b, l, l))
+        if kv_mask is not None:
+            mask = mask & kv_mask[:, None, :].astype(bool)
+        for i, layer in enumerate(self.layers):
+            h, cache = layer(h, cos, sin, mask, cache, i, cache_index)
+        h = self.norm(h)
+        if self.lm_head is None:
+            head = self.embed_tokens.embedding[...]  # [V, D]
+            logits = jnp.einsum("bld,vd->blv", h, head, preferred_element_type=jnp.float32)
+        else:
+            head = self.lm_head.kernel[...]  # [D, V]
+            logits = jnp.einsum("bld,dv->blv", h, head, preferred_element_type=jnp.float32)
+        return logits.astype(jnp.float32), cache
+
+
+def forward(graphdef, state, tokens, positions, cache=None, cache_index=0, kv_mask=None):
+    """Pure-function form of :meth:`Transformer.__call__` for ``jax.jit``.
+
+    ``graphdef, state = nnx.split(model)``; the weights in ``state`` are ordinary
+    array arguments. Returns ``(logits float32 [B, L, V], KVCache or None)``.
+    """
+    model = nnx.merge(graphdef, state)
+    return model(tokens, positions, cache, cache_index, kv_mask)

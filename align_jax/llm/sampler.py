@@ -1,0 +1,686 @@
+"""Jit-compiled batched sampling with a static KV cache and a logits-processor hook.
+
+Design (Flax NNX Gemma sampler / jax-llm-examples style):
+
+* The model is split once, ``graphdef, state = nnx.split(model)``; the two compiled
+  functions below take ``graphdef`` as a static argument and the weights ``state`` as
+  ordinary array arguments (never ``nnx.jit`` on the module, never weights as constants).
+* B prompts are tokenised on the host, left-padded to a power-of-two bucket
+  ``P >= max prompt length`` (at least ``min_prompt_bucket``), so prompts of similar
+  length share one compiled program.
+* **Prefill** (one jit): the B prompts run once through the decoder into a cache of
+  ``S = P + max_new_tokens`` slots; only the last position goes through the LM head.
+  The cache and the last logits are then repeated K = ``num_samples`` times, giving
+  R = B * K rows ordered ``row = b * K + k``.
+* **Decode** (one jit, the cache donated): a fixed ``[R, max_new_tokens]`` token buffer
+  filled inside ``lax.while_loop``, which stops as soon as every row has finished.
+  Step t draws token t of every row with the key ``fold_in(fold_in(fold_in(key, b), k), t)``,
+  so sample k of prompt b does not depend on K or on the other prompts.
+* Rows finish on an EOS id (unless ``ignore_eos``), on a stop-token sequence
+  (checked on device), or at ``max_new_tokens``. Stop *strings* are handled on the host
+  after decoding: the text is cut before the first occurrence and the row's length
+  is cut to the shortest token prefix whose text contains it. Each stop string is also
+  tokenised on its own and used as an on-device stop-token sequence, which ends the
+  row early when the model emits exactly that tokenisation (an optimisation; the
+  host check is the authoritative one).
+
+Log-probabilities returned per generated token:
+
+* ``logprobs``: the raw model's ``log softmax(logits)[token]`` (before the logits
+  processor, temperature, top-k and top-p) -- what a verifier would score.
+* ``sampling_logprobs``: the log-probability under the distribution actually sampled
+  from (after the processor, temperature, top-k, top-p; 0 for greedy rows).
+
+Shapes: B prompts, K samples per prompt, R = B * K rows, P prompt bucket, T =
+``max_new_tokens``, S = P + T cache slots, V vocabulary, D hidden size.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import os
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from align_jax.llm import model as model_lib
+from align_jax.llm.logits import DEFAULT_NUM_CANDIDATES, sample_tokens
+
+__all__ = [
+    "Sampler",
+    "SampleOutput",
+    "DecodeResult",
+    "PreparedBatch",
+    "SamplerStepState",
+    "DecodeSpec",
+    "enable_compilation_cache",
+    "prompt_bucket",
+    "TRACE_COUNTS",
+]
+
+# Number of times each compiled function has been traced (for retrace tests).
+TRACE_COUNTS: collections.Counter = collections.Counter()
+
+FINISH_LENGTH, FINISH_EOS, FINISH_STOP = 0, 1, 2
+_FINISH_NAMES = {FINISH_LENGTH: "length", FINISH_EOS: "eos", FINISH_STOP: "stop"}
+
+
+def enable_compilation_cache(path: str | None = None, *, min_compile_time_secs: float = 1.0) -> str:
+    """Turn on JAX's persistent compilation cache and return its directory.
+
+    The directory is ``path``, else ``$ALIGN_JAX_CACHE``, else
+    ``~/.cache/align_jax/jax_cache``. Programs that took at least
+    ``min_compile_time_secs`` to compile are stored, so a second run of a script
+    loads the sampler's compiled prefill/decode from disk instead of recompiling.
+    """
+    path = path or os.environ.get("ALIGN_JAX_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "align_jax", "jax_cache"
+    )
+    os.makedirs(path, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
+    return path
+
+
+def prompt_bucket(length: int, minimum: int = 16) -> int:
+    """Smallest power of two ``>= max(length, minimum)``."""
+    length = max(int(length), int(minimum), 1)
+    return 1 << (length - 1).bit_length()
+
+
+class SamplerStepState(NamedTuple):
+    """What a logits processor sees at one decoding step (all leaves traced).
+
+    Attributes:
+      step: int32 scalar t, index of the token being chosen (0 = first new token).
+      tokens: int32 ``[R, T]`` tokens generated so far; entries ``>= t`` are padding.
+      positions: int32 ``[R]`` RoPE position of the token being chosen
+        (the row's prompt length + t).
+      done: bool ``[R]`` rows that have already finished (their choice is discarded).
+      user: the caller's pytree (``processor_state``), threaded through the loop and
+        updated by ``processor_update`` if given.
+    """
+
+    step: jax.Array
+    tokens: jax.Array
+    positions: jax.Array
+    done: jax.Array
+    user: Any
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """Static (hashable) part of a decode call; one compiled program per distinct value.
+
+    Attributes:
+      max_new_tokens: T, size of the token buffer.
+      top_k: static top-k (None = off).
+      num_candidates: candidate-set size C for top-p when ``top_k`` is None.
+      full_vocab: whether some row samples from the full vocabulary (top_p == 1, no top_k).
+      eos_token_ids: ids that finish a row (empty with ``ignore_eos``).
+      stop_token_sequences: token-id sequences that finish a row when generated.
+      pad_token_id: id written after a row finished.
+      logits_processor: ``(logits f32[R, V], SamplerStepState) -> logits`` or None.
+        Compared by identity: reuse the same function object to avoid recompiles.
+      processor_update: ``(user, tokens int32[R], SamplerStepState) -> user`` or None,
+        run after each step to advance the processor's own state.
+    """
+
+    max_new_tokens: int
+    top_k: int | None = None
+    num_candidates: int = DEFAULT_NUM_CANDIDATES
+    full_vocab: bool = True
+    eos_token_ids: tuple[int, ...] = ()
+    stop_token_sequences: tuple[tuple[int, ...], ...] = ()
+    pad_token_id: int = 0
+    logits_processor: Callable | None = None
+    processor_update: Callable | None = None
+
+
+class DecodeResult(NamedTuple):
+    """Device-side output of :meth:`Sampler.decode` (R rows, T = max_new_tokens).
+
+    Attributes:
+      tokens: int32 ``[R, T]``, ``pad_token_id`` after each row's length.
+      lengths: int32 ``[R]`` generated tokens per row, including the EOS / stop token.
+      logprobs: float32 ``[R, T]`` raw model log-probs of the tokens (0 after length).
+      sampling_logprobs: float32 ``[R, T]`` log-probs under the sampling distribution.
+      finish_code: int32 ``[R]``: 0 length, 1 EOS, 2 on-device stop sequence.
+      num_steps: int32 scalar, decoding steps run (< T when all rows stopped early).
+      processor_state: the final user pytree.
+      cache: the KV cache after decoding (it aliases the donated input buffer, so
+        the loop updates it in place; slots ``[P, P + num_steps - 1)`` hold the
+        generated tokens' keys/values).
+    """
+
+    tokens: jax.Array
+    lengths: jax.Array
+    logprobs: jax.Array
+    sampling_logprobs: jax.Array
+    finish_code: jax.Array
+    num_steps: jax.Array
+    processor_state: Any
+    cache: Any
+
+
+class PreparedBatch(NamedTuple):
+    """Host-side, validated, padded inputs for :meth:`Sampler.prefill` / :meth:`Sampler.decode`.
+
+    Attributes:
+      tokens: int32 ``[B, P]`` left-padded prompt ids.
+      prompt_lengths: int32 ``[B]`` real prompt lengths.
+      num_samples: K.
+      max_new_tokens: T.
+      temperature: float32 ``[R]``.
+      top_p: float32 ``[R]``.
+    """
+
+    tokens: np.ndarray
+    prompt_lengths: np.ndarray
+    num_samples: int
+    max_new_tokens: int
+    temperature: np.ndarray
+    top_p: np.ndarray
+
+
+class SampleOutput(NamedTuple):
+    """Host-side result of :meth:`Sampler.generate` (B prompts, K samples, T new tokens).
+
+    Attributes:
+      tokens: int32 ``[B, K, T]`` generated ids, ``pad_token_id`` after ``lengths``.
+      lengths: int32 ``[B, K]`` generated tokens kept (including a final EOS; a stop
+        string cuts the length to the shortest prefix containing it).
+      logprobs: float32 ``[B, K, T]`` raw model log-probs (see module docstring), 0 after length.
+      sampling_logprobs: float32 ``[B, K, T]`` log-probs under the sampling distribution.
+      text: ``text[b][k]`` decoded completion (special tokens skipped, cut before a
+        stop string), or None when the sampler has no tokenizer.
+      finish_reasons: ``[b][k]`` one of ``"eos"``, ``"stop"``, ``"length"``.
+      prompt_tokens: int32 ``[B]`` prompt lengths in tokens.
+      generated_tokens: total generated tokens kept (``lengths.sum()``).
+      num_steps: decoding steps actually run.
+      processor_state: the final user pytree of the logits processor (host arrays).
+    """
+
+    tokens: np.ndarray
+    lengths: np.ndarray
+    logprobs: np.ndarray
+    sampling_logprobs: np.ndarray
+    text: list | None
+    finish_reasons: list
+    prompt_tokens: np.ndarray
+    generated_tokens: int
+    num_steps: int
+    processor_state: Any = None
+
+
+# ---------------------------------------------------------------------------
+# Decoder pieces that keep memory at one position of logits.
+# ---------------------------------------------------------------------------
+
+
+def hidden_states(model, tokens, positions, cache=None, cache_index=0, kv_mask=None):
+    """The decoder's final-norm hidden states ``[B, L, D]`` (no LM head) and the cache.
+
+    Same masking contract as :meth:`Transformer.__call__`; it exists so prefill and
+    scoring can apply the LM head to only the positions they need instead of
+    materialising ``[B, L, V]`` float32 logits (5 GB for B=32, L=256 on a 152k vocab).
+    ``lm_head(model, hidden_states(...)[0]) == model(...)[0]`` is checked by the tests.
+    """
+    b, l = tokens.shape
+    cfg = model.config
+    h = model.embed_tokens(tokens)
+    cos, sin = model_lib.rope_tables(positions, cfg.head_dim, cfg.rope_theta)
+    cache_index = jnp.asarray(cache_index, jnp.int32)
+    query_pos = jnp.arange(l, dtype=jnp.int32)
+    if cache is not None:
+        slots = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
+        mask = slots[None, :] <= (cache_index + query_pos)[:, None]
+    else:
+        mask = query_pos[None, :] <= query_pos[:, None]
+    mask = jnp.broadcast_to(mask[None], (b,) + mask.shape)
+    if kv_mask is not None:
+        mask = mask & kv_mask[:, None, :].astype(bool)
+    for i, layer in enumerate(model.layers):
+        h, cache = layer(h, cos, sin, mask, cache, i, cache_index)
+    return model.norm(h), cache
+
+
+def lm_head(model, h):
+    """Float32 logits ``[..., V]`` for hidden states ``h [..., D]`` (tied or untied head)."""
+    if model.lm_head is None:
+        head = model.embed_tokens.embedding[...]  # [V, D]
+        logits = jnp.einsum("...d,vd->...v", h, head, preferred_element_type=jnp.float32)
+    else:
+        head = model.lm_head.kernel[...]  # [D, V]
+        logits = jnp.einsum("...d,dv->...v", h, head, preferred_element_type=jnp.float32)
+    return logits.astype(jnp.float32)
+
+
+def _left_pad_mask(prompt_lengths, bucket: int, num_slots: int):
+    """bool ``[rows, S]``: slot j holds a real token of the row iff ``j >= bucket - len``."""
+    slots = jnp.arange(num_slots, dtype=jnp.int32)
+    return slots[None, :] >= (bucket - prompt_lengths)[:, None]
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new_tokens"))
+def _prefill(graphdef, state, tokens, prompt_lengths, *, num_samples: int, max_new_tokens: int):
+    """Prompts ``[B, P]`` -> (KVCache for R = B*K rows and S = P + T slots, last logits f32 ``[R, V]``)."""
+    TRACE_COUNTS["prefill"] += 1
+    model = nnx.merge(graphdef, state)
+    batch, bucket = tokens.shape
+    num_slots = bucket + max_new_tokens
+    positions = jnp.maximum(jnp.arange(bucket, dtype=jnp.int32)[None, :] - (bucket - prompt_lengths)[:, None], 0)
+    kv_mask = _left_pad_mask(prompt_lengths, bucket, num_slots)
+    cache = model_lib.init_cache(model.config, batch, num_slots)
+    h, cache = hidden_states(model, tokens, positions, cache, 0, kv_mask)
+    last_logits = lm_head(model, h[:, -1])
+    if num_samples > 1:
+        cache = jax.tree.map(lambda x: jnp.repeat(x, num_samples, axis=1), cache)
+        last_logits = jnp.repeat(last_logits, num_samples, axis=0)
+    return cache, last_logits
+
+
+class _Carry(NamedTuple):
+    step: jax.Array
+    cache: Any
+    last_tokens: jax.Array
+    tokens: jax.Array
+    logprobs: jax.Array
+    sampling_logprobs: jax.Array
+    lengths: jax.Array
+    done: jax.Array
+    finish_code: jax.Array
+    user: Any
+
+
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "spec", "num_samples"), donate_argnames=("cache",)
+)
+def _decode(graphdef, state, cache, first_logits, prompt_lengths, key, temperature, top_p,
+            processor_state, *, spec: DecodeSpec, num_samples: int):
+    """Fill the ``[R, T]`` buffer from the prefilled cache (see module docstring)."""
+    TRACE_COUNTS["decode"] += 1
+    model = nnx.merge(graphdef, state)
+    rows = first_logits.shape[0]
+    bucket = cache.k.shape[2] - spec.max_new_tokens
+    num_slots = cache.k.shape[2]
+    kv_mask = _left_pad_mask(prompt_lengths, bucket, num_slots)
+    row_ids = jnp.arange(rows, dtype=jnp.int32)
+    row_keys = jax.vmap(
+        lambda r: jax.random.fold_in(jax.random.fold_in(key, r // num_samples), r % num_samples)
+    )(row_ids)
+    eos = jnp.asarray(spec.eos_token_ids, jnp.int32) if spec.eos_token_ids else None
+
+    def choose(carry: _Carry, logits: jax.Array) -> _Carry:
+        t = carry.step
+        step_state = SamplerStepState(t, carry.tokens, prompt_lengths + t, carry.done, carry.user)
+        raw_norm = jax.nn.logsumexp(logits, axis=-1)
+        processed = logits if spec.logits_processor is None else spec.logits_processor(logits, step_state)
+        keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
+        sampled = sample_tokens(
+            keys, processed, temperature, top_p, top_k=spec.top_k,
+            num_candidates=spec.num_candidates, full_vocab=spec.full_vocab,
+        )
+        active = ~carry.done
+        token = jnp.where(active, sampled.tokens, spec.pad_token_id)
+        raw_lp = jnp.take_along_axis(logits, sampled.tokens[:, None], axis=-1)[:, 0] - raw_norm
+        tokens = jax.lax.dynamic_update_slice(carry.tokens, token[:, None], (0, t))
+        logprobs = jax.lax.dynamic_update_slice(
+            carry.logprobs, jnp.where(active, raw_lp, 0.0)[:, None], (0, t))
+        sampling_logprobs = jax.lax.dynamic_update_slice(
+            carry.sampling_logprobs, jnp.where(active, sampled.sampling_logprobs, 0.0)[:, None], (0, t))
+        finish = carry.finish_code
+        ended = jnp.zeros_like(active)
+        if eos is not None:
+            hit = active & jnp.any(token[:, None] == eos[None, :], axis=-1)
+            finish = jnp.where(hit, FINISH_EOS, finish)
+            ended = ended | hit
+        for seq in spec.stop_token_sequences:
+            n = len(seq)
+            window = jax.lax.dynamic_slice(tokens, (0, jnp.maximum(t + 1 - n, 0)), (rows, n))
+            hit = active & (t + 1 >= n) & jnp.all(window == jnp.asarray(seq, jnp.int32)[None], axis=-1)
+            finish = jnp.where(hit & ~ended, FINISH_STOP, finish)
+            ended = ended | hit
+        user = carry.user
+        if spec.processor_update is not None:
+            user = spec.processor_update(user, token, step_state)
+        return carry._replace(
+            step=t + 1, last_tokens=token, tokens=tokens, logprobs=logprobs,
+            sampling_logprobs=sampling_logprobs, lengths=carry.lengths + active.astype(jnp.int32),
+            done=carry.done | ended, finish_code=finish, user=user,
+        )
+
+    t_max = spec.max_new_tokens
+    carry = _Carry(
+        step=jnp.zeros((), jnp.int32),
+        cache=cache,
+        last_tokens=jnp.zeros((rows,), jnp.int32),
+        tokens=jnp.full((rows, t_max), spec.pad_token_id, jnp.int32),
+        logprobs=jnp.zeros((rows, t_max), jnp.float32),
+        sampling_logprobs=jnp.zeros((rows, t_max), jnp.float32),
+        lengths=jnp.zeros((rows,), jnp.int32),
+        done=jnp.zeros((rows,), bool),
+        finish_code=jnp.zeros((rows,), jnp.int32),
+        user=processor_state,
+    )
+    carry = choose(carry, first_logits)
+
+    def cond(c: _Carry):
+        return (c.step < t_max) & ~jnp.all(c.done)
+
+    def body(c: _Carry) -> _Carry:
+        prev = c.step - 1
+        positions = (prompt_lengths + prev)[:, None]
+        logits, new_cache = model(c.last_tokens[:, None], positions, c.cache, bucket + prev, kv_mask)
+        return choose(c._replace(cache=new_cache), logits[:, 0])
+
+    carry = jax.lax.while_loop(cond, body, carry)
+    return DecodeResult(
+        tokens=carry.tokens, lengths=carry.lengths, logprobs=carry.logprobs,
+        sampling_logprobs=carry.sampling_logprobs, finish_code=carry.finish_code,
+        num_steps=carry.step, processor_state=carry.user, cache=carry.cache,
+    )
+
+
+# ---------------------------------------------------------------------------
+# Host-side validation and the user-facing class.
+# ---------------------------------------------------------------------------
+
+
+def _per_row(name: str, value, batch: int, num_samples: int) -> np.ndarray:
+    """Broadcast a scalar, ``[B]``, ``[B, K]`` or ``[B*K]`` value to float32 ``[B*K]``."""
+    arr = np.asarray(value, dtype=np.float64)
+    rows = batch * num_samples
+    if arr.ndim == 0:
+        out = np.full((rows,), arr)
+    elif arr.shape == (rows,):
+        out = arr
+    elif arr.shape == (batch,):
+        out = np.repeat(arr, num_samples)
+    elif arr.shape == (batch, num_samples):
+        out = arr.reshape(rows)
+    else:
+        raise ValueError(
+            f"{name} has shape {arr.shape}; expected a scalar, [B]=({batch},), "
+            f"[B, K]=({batch}, {num_samples}) or [B*K]=({rows},)"
+        )
+    return out.astype(np.float32)
+
+
+def _check_key(key) -> jax.Array:
+    if key is None:
+        raise ValueError("key is required: pass jax.random.key(seed) (sampling is explicit and reproducible)")
+    key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        if key.shape != ():
+            raise ValueError(f"key must be a single PRNG key, got a key array of shape {key.shape}")
+    elif key.shape != (2,) or key.dtype != jnp.uint32:
+        raise ValueError(
+            f"key must be jax.random.key(seed) or jax.random.PRNGKey(seed), got {key.dtype}{list(key.shape)}"
+        )
+    return key
+
+
+class Sampler:
+    """Batched sampler over a :class:`~align_jax.llm.model.Transformer`.
+
+    Build it once per model (``nnx.split`` happens here) and call :meth:`generate`
+    (or :meth:`generate_chat`) many times; calls whose prompts fall in the same bucket
+    and use the same static settings reuse one compiled prefill and one decode.
+
+    Example::
+
+        loaded = load_pretrained("qwen2.5-coder-0.5b")
+        sampler = Sampler(loaded)
+        out = sampler.generate_chat([[{"role": "user", "content": question}]],
+                                    key=jax.random.key(0), num_samples=4,
+                                    max_new_tokens=256, temperature=0.7, top_p=0.95)
+        out.text[0]   # 4 completions
+    """
+
+    def __init__(self, model, tokenizer=None, *, min_prompt_bucket: int = 16):
+        """``model``: a ``LoadedModel`` (config, model, tokenizer) or a ``Transformer``
+        (then pass ``tokenizer`` to use text prompts; token-id prompts need none)."""
+        if hasattr(model, "model") and hasattr(model, "config") and not isinstance(model, nnx.Module):
+            tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+            model = model.model
+        if not isinstance(model, nnx.Module) or not hasattr(model, "config"):
+            raise TypeError(f"Sampler needs a LoadedModel or a Transformer, got {type(model).__name__}")
+        self.config: model_lib.ModelConfig = model.config
+        self.tokenizer = tokenizer
+        self.graphdef, self.state = nnx.split(model)
+        self.min_prompt_bucket = int(min_prompt_bucket)
+
+    # -- host-side preparation -------------------------------------------------
+
+    def encode_prompts(self, prompts: Sequence, *, add_special_tokens: bool = False) -> list[list[int]]:
+        """Strings (through the tokenizer) or token-id sequences -> lists of ids, validated."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence) and not isinstance(prompts, np.ndarray):
+            raise TypeError("prompts must be a list of strings or of token-id sequences")
+        if len(prompts) == 0:
+            raise ValueError("prompts is empty: pass at least one prompt")
+        vocab = self.config.vocab_size
+        out = []
+        for i, prompt in enumerate(prompts):
+            if isinstance(prompt, str):
+                if self.tokenizer is None:
+                    raise ValueError(f"prompt {i} is a string but the sampler has no tokenizer; pass token ids")
+                ids = list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
+            else:
+                arr = np.asarray(prompt)
+                if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+                    raise ValueError(f"prompt {i} must be a string or a 1-D sequence of int token ids, got {arr.dtype}{list(arr.shape)}")
+                ids = [int(t) for t in arr]
+            if not ids:
+                raise ValueError(f"prompt {i} is empty (0 tokens): at least one token is needed to condition on")
+            bad = [t for t in ids if t < 0 or t >= vocab]
+            if bad:
+                raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab})")
+            out.append(ids)
+        return out
+
+    def prepare(self, prompts: Sequence, *, num_samples: int = 1, max_new_tokens: int = 128,
+                temperature=1.0, top_p=1.0, add_special_tokens: bool = False) -> PreparedBatch:
+        """Validate and pad; every bad-input error is raised here, before any jit."""
+        if isinstance(num_samples, bool) or not isinstance(num_samples, (int, np.integer)) or num_samples < 1:
+            raise ValueError(f"num_samples must be an int >= 1, got {num_samples!r}")
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {max_new_tokens!r}")
+        ids = self.encode_prompts(prompts, add_special_tokens=add_special_tokens)
+        context = self.config.max_position_embeddings
+        for i, p in enumerate(ids):
+            if len(p) + max_new_tokens > context:
+                raise ValueError(
+                    f"prompt {i} has {len(p)} tokens; with max_new_tokens={max_new_tokens} it needs "
+                    f"{len(p) + max_new_tokens} positions, more than the model's context "
+                    f"(max_position_embeddings={context})"
+                )
+        batch = len(ids)
+        temp = _per_row("temperature", temperature, batch, num_samples)
+        bad = np.flatnonzero(~np.isfinite(temp) | (temp < 0))
+        if bad.size:
+            raise ValueError(f"temperature must be finite and >= 0 (0 = greedy); row {int(bad[0])} has {float(temp[bad[0]])}")
+        topp = _per_row("top_p", top_p, batch, num_samples)
+        bad = np.flatnonzero(~(topp > 0) | ~(topp <= 1))
+        if bad.size:
+            raise ValueError(f"top_p must be in (0, 1]; row {int(bad[0])} has {float(topp[bad[0]])}")
+        lengths = np.asarray([len(p) for p in ids], np.int32)
+        bucket = prompt_bucket(int(lengths.max()), self.min_prompt_bucket)
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
+        tokens = np.full((batch, bucket), pad, np.int32)
+        for i, p in enumerate(ids):
+            tokens[i, bucket - len(p):] = p
+        return PreparedBatch(tokens, lengths, int(num_samples), int(max_new_tokens), temp, topp)
+
+    # -- the two compiled stages -----------------------------------------------
+
+    def prefill(self, batch: PreparedBatch):
+        """Run the prompts once; returns ``(KVCache [layers, R, S, Hkv, hd], logits f32 [R, V])``."""
+        return _prefill(
+            self.graphdef, self.state, jnp.asarray(batch.tokens), jnp.asarray(batch.prompt_lengths),
+            num_samples=batch.num_samples, max_new_tokens=batch.max_new_tokens,
+        )
+
+    def decode(self, batch: PreparedBatch, cache, first_logits, key, *, spec: DecodeSpec,
+               processor_state: Any = None) -> DecodeResult:
+        """Decode from a prefilled cache (the cache is donated: do not reuse it)."""
+        if spec.max_new_tokens != batch.max_new_tokens:
+            raise ValueError(f"spec.max_new_tokens={spec.max_new_tokens} != batch.max_new_tokens={batch.max_new_tokens}")
+        row_lengths = np.repeat(batch.prompt_lengths, batch.num_samples)
+        return _decode(
+            self.graphdef, self.state, cache, first_logits, jnp.asarray(row_lengths),
+            _check_key(key), jnp.asarray(batch.temperature), jnp.asarray(batch.top_p), processor_state,
+            spec=spec, num_samples=batch.num_samples,
+        )
+
+    def make_spec(self, batch: PreparedBatch, *, top_k: int | None = None,
+                  num_candidates: int = DEFAULT_NUM_CANDIDATES, eos_token_ids: Sequence[int] | None = None,
+                  ignore_eos: bool = False, stop: Sequence[str] = (),
+                  stop_token_sequences: Sequence[Sequence[int]] = (),
+                  logits_processor: Callable | None = None,
+                  processor_update: Callable | None = None) -> DecodeSpec:
+        """The static decode settings for ``batch`` (validated)."""
+        vocab = self.config.vocab_size
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or not 1 <= top_k):
+            raise ValueError(f"top_k must be None or an int >= 1, got {top_k!r}")
+        if top_k is not None:
+            top_k = min(int(top_k), vocab)
+        if isinstance(num_candidates, bool) or not isinstance(num_candidates, (int, np.integer)) or num_candidates < 1:
+            raise ValueError(f"num_candidates must be an int >= 1, got {num_candidates!r}")
+        if eos_token_ids is None:
+            if self.tokenizer is None:
+                raise ValueError("eos_token_ids is required when the sampler has no tokenizer (pass () for none)")
+            eos_token_ids = self.tokenizer.eos_token_ids
+        eos = () if ignore_eos else tuple(sorted({int(t) for t in eos_token_ids}))
+        if isinstance(stop, str):
+            stop = (stop,)
+        sequences = [tuple(int(t) for t in s) for s in stop_token_sequences]
+        for i, s in enumerate(stop):
+            if not isinstance(s, str) or not s:
+                raise ValueError(f"stop[{i}] must be a non-empty string, got {s!r}")
+            if self.tokenizer is None:
+                raise ValueError("stop strings need a tokenizer; pass stop_token_sequences instead")
+            ids = self.tokenizer.encode(s, add_special_tokens=False)
+            if ids:
+                sequences.append(tuple(int(t) for t in ids))
+        for i, s in enumerate(sequences):
+            if not s or any(t < 0 or t >= vocab for t in s):
+                raise ValueError(f"stop token sequence {i} {s} is empty or has ids outside [0, {vocab})")
+        sequences = tuple(dict.fromkeys(s for s in sequences if len(s) <= batch.max_new_tokens))
+        full_vocab = top_k is None and bool(np.any((batch.top_p >= 1.0) & (batch.temperature > 0)))
+        pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
+        return DecodeSpec(
+            max_new_tokens=batch.max_new_tokens, top_k=top_k, num_candidates=int(num_candidates),
+            full_vocab=full_vocab, eos_token_ids=eos, stop_token_sequences=sequences,
+            pad_token_id=int(pad), logits_processor=logits_processor, processor_update=processor_update,
+        )
+
+    # -- the user-facing call --------------------------------------------------
+
+    def generate(self, prompts: Sequence, *, key, num_samples: int = 1, max_new_tokens: int = 128,
+                 temperature=1.0, top_p=1.0, top_k: int | None = None,
+                 num_candidates: int = DEFAULT_NUM_CANDIDATES, stop: Sequence[str] = (),
+                 stop_token_sequences: Sequence[Sequence[int]] = (),
+                 eos_token_ids: Sequence[int] | None = None, ignore_eos: bool = False,
+                 logits_processor: Callable | None = None, processor_update: Callable | None = None,
+                 processor_state: Any = None, add_special_tokens: bool = False) -> SampleOutput:
+        """Sample ``num_samples`` completions for each prompt.
+
+        Args:
+          prompts: B strings (tokenised with ``add_special_tokens``) or token-id lists.
+          key: PRNG key; the same key gives the same samples.
+          num_samples: K completions per prompt (one prefill per prompt).
+          max_new_tokens: T (static: one compiled decode per value).
+          temperature: scalar, ``[B]``, ``[B, K]`` or ``[B*K]``; 0 = greedy.
+          top_p: same shapes, in ``(0, 1]``.
+          top_k: static top-k or None.
+          num_candidates: candidate-set size for top-p without top-k (see ``logits.py``).
+          stop: stop strings (host truncation + on-device token sequences).
+          stop_token_sequences: extra id sequences that end a row on device.
+          eos_token_ids: defaults to the tokenizer's ``eos_token_ids``.
+          ignore_eos: generate exactly ``max_new_tokens`` unless a stop sequence hits.
+          logits_processor: ``(logits f32[R, V], SamplerStepState) -> logits`` applied
+            each step inside the jit (e.g. CAGE steering, token bans).
+          processor_update: ``(user, tokens int32[R], SamplerStepState) -> user``.
+          processor_state: initial user pytree (array leaves), seen as ``state.user``.
+
+        Returns:
+          :class:`SampleOutput`.
+        """
+        batch = self.prepare(prompts, num_samples=num_samples, max_new_tokens=max_new_tokens,
+                             temperature=temperature, top_p=top_p, add_special_tokens=add_special_tokens)
+        spec = self.make_spec(batch, top_k=top_k, num_candidates=num_candidates, eos_token_ids=eos_token_ids,
+                              ignore_eos=ignore_eos, stop=stop, stop_token_sequences=stop_token_sequences,
+                              logits_processor=logits_processor, processor_update=processor_update)
+        key = _check_key(key)
+        cache, first_logits = self.prefill(batch)
+        result = self.decode(batch, cache, first_logits, key, spec=spec, processor_state=processor_state)
+        return self._finish(batch, spec, result, tuple([stop] if isinstance(stop, str) else stop))
+
+    def generate_chat(self, conversations: Sequence, **kwargs) -> SampleOutput:
+        """:meth:`generate` on chat conversations (lists of ``{"role", "content"}`` dicts,
+        or plain strings taken as one user message) through the model's chat template."""
+        if self.tokenizer is None:
+            raise ValueError("generate_chat needs a tokenizer")
+        if isinstance(conversations, (str, dict)) or len(conversations) == 0:
+            raise ValueError("conversations must be a non-empty list of conversations")
+        prompts = []
+        for conv in conversations:
+            if isinstance(conv, str):
+                conv = [{"role": "user", "content": conv}]
+            prompts.append(self.tokenizer.apply_chat_template(list(conv), add_generation_prompt=True))
+        return self.generate(prompts, **kwargs)
+
+    def _finish(self, batch: PreparedBatch, spec: DecodeSpec, result: DecodeResult,
+                stop: tuple[str, ...]) -> SampleOutput:
+        """Device result -> host arrays, text, stop-string truncation."""
+        tokens, lengths, logprobs, sampling_lp, finish, steps, user = jax.device_get(
+            (result.tokens, result.lengths, result.logprobs, result.sampling_logprobs,
+             result.finish_code, result.num_steps, result.processor_state))
+        tokens, lengths = np.array(tokens), np.array(lengths)
+        logprobs, sampling_lp = np.array(logprobs), np.array(sampling_lp)
+        finish = np.array(finish)
+        rows = tokens.shape[0]
+        texts = [] if self.tokenizer is not None else None
+        for r in range(rows):
+            n = int(lengths[r])
+            if self.tokenizer is None:
+                continue
+            ids = tokens[r, :n].tolist()
+            text = self.tokenizer.decode(ids, skip_special_tokens=True)
+            cut = [text.find(s) for s in stop if s in text]
+            if cut:
+                text = text[: min(cut)]
+                contains = lambda m: any(s in self.tokenizer.decode(ids[:m], skip_special_tokens=True) for s in stop)
+                lo, hi = 1, n  # smallest m in [1, n] with contains(m); contains(n) is True
+                while lo < hi:
+                    mid = (lo + hi) // 2
+                    if contains(mid):
+                        hi = mid
+                    else:
+                        lo = mid + 1
+                lengths[r] = lo
+                finish[r] = FINISH_STOP
+                tokens[r, lo:] = spec.pad_token_id
+                logprobs[r, lo:] = 0.0
+                sampling_lp[r, lo:] = 0.0
+            texts.append(text)
+        b, k, t = batch.tokens.shape[0], batch.num_samples, batch.max_new_tokens
+        reasons = [_FINISH_NAMES[int(c)] for c in finish]
+        return SampleOutput(
+            tokens=tokens.reshape(b, k, t),
+            lengths=lengths.reshape(b, k),
+            logprobs=logprobs.reshape(b, k, t),
+            sampling_logprobs=sampling_lp.reshape(b, k, t),
+            text=None if texts is None else [texts[i * k:(i + 1) * k] for i in range(b)],
+            finish_reasons=[reasons[i * k:(i + 1) * k] for i in range(b)],
+            prompt_tokens=batch.prompt_lengths.copy(),
+            generated_tokens=int(lengths.sum()),
+            num_steps=int(steps),
+            processor_state=user,
+        )

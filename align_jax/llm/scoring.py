@@ -1,0 +1,174 @@
+"""Batched log-probability of given continuations under a prompt (principal / verifier path).
+
+For a prompt ``x`` and a continuation ``y = (y_1..y_m)`` tokenised separately and
+concatenated (``ids = x ++ y``), the score is
+
+    log p(y | x) = sum_i log softmax(logits(x ++ y_<i))[y_i]
+
+computed by one causal forward pass over ``x ++ y``, and the mean is that sum over m.
+Pass token ids for the continuation (e.g. the sampler's output tokens) to score exactly
+what was generated; strings are re-tokenised, which may differ at the boundary.
+
+Batching: pairs are sorted by total length, cut into chunks of ``batch_size`` rows
+(the last chunk padded with dummy rows), each chunk right-padded to a power-of-two
+length bucket, and scored by one jitted function, so a new call reuses the compiled
+programs of earlier calls with the same ``batch_size`` and bucket. Inside the jit the
+LM head runs row by row (``lax.map``), so memory holds one row of ``[L, V]`` float32
+logits, not ``[batch_size, L, V]``.
+
+Shapes: N pairs, n rows in a chunk, L length bucket, V vocabulary, M longest continuation.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from align_jax.llm.sampler import TRACE_COUNTS, hidden_states, lm_head, prompt_bucket
+
+__all__ = ["ScoreOutput", "score_continuations", "token_logprobs"]
+
+
+class ScoreOutput(NamedTuple):
+    """Scores of N (prompt, continuation) pairs.
+
+    Attributes:
+      token_logprobs: float32 ``[N, M]`` ``log p(y_i | x, y_<i)``, 0 after ``num_tokens``.
+      num_tokens: int32 ``[N]`` continuation lengths m in tokens.
+      sum_logprob: float32 ``[N]`` ``log p(y | x)``.
+      mean_logprob: float32 ``[N]`` ``sum_logprob / num_tokens``.
+      prompt_tokens: int32 ``[N]`` prompt lengths in tokens.
+    """
+
+    token_logprobs: np.ndarray
+    num_tokens: np.ndarray
+    sum_logprob: np.ndarray
+    mean_logprob: np.ndarray
+    prompt_tokens: np.ndarray
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def token_logprobs(graphdef, state, tokens, total_lengths):
+    """``log p(tokens[:, j] | tokens[:, :j])`` for right-padded ``tokens int32 [n, L]``.
+
+    Returns float32 ``[n, L]``: entry j (``1 <= j < total_lengths``) is the log-prob of
+    token j; entry 0 and padding entries are 0.
+    """
+    TRACE_COUNTS["score"] += 1
+    model = nnx.merge(graphdef, state)
+    n, length = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n, length))
+    valid = positions < total_lengths[:, None]
+    h, _ = hidden_states(model, tokens, positions, None, 0, valid)
+
+    def row_logprobs(args):
+        h_row, tok_row = args  # [L, D], [L]
+        logits = lm_head(model, h_row[:-1])  # [L-1, V] predicts tokens 1..L-1
+        picked = jnp.take_along_axis(logits, tok_row[1:, None], axis=-1)[:, 0]
+        return picked - jax.nn.logsumexp(logits, axis=-1)
+
+    lp = jax.lax.map(row_logprobs, (h, tokens))  # [n, L-1]
+    lp = jnp.concatenate([jnp.zeros((n, 1), jnp.float32), lp], axis=1)
+    return jnp.where(valid & (positions > 0), lp, 0.0)
+
+
+def _as_ids(item, what: str, index: int, tokenizer, vocab: int, add_special_tokens: bool) -> list[int]:
+    if isinstance(item, str):
+        if tokenizer is None:
+            raise ValueError(f"{what} {index} is a string but no tokenizer was given; pass token ids")
+        ids = list(tokenizer.encode(item, add_special_tokens=add_special_tokens))
+    else:
+        arr = np.asarray(item)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"{what} {index} must be a string or a 1-D sequence of int token ids")
+        ids = [int(t) for t in arr]
+    if not ids:
+        raise ValueError(f"{what} {index} is empty (0 tokens)")
+    bad = [t for t in ids if t < 0 or t >= vocab]
+    if bad:
+        raise ValueError(f"{what} {index} has token id {bad[0]} outside the vocabulary [0, {vocab})")
+    return ids
+
+
+def score_continuations(model, tokenizer=None, prompts: Sequence = (), continuations: Sequence = (), *,
+                        batch_size: int = 4, min_bucket: int = 16,
+                        add_special_tokens: bool = False) -> ScoreOutput:
+    """Score each continuation under its prompt.
+
+    Args:
+      model: a ``LoadedModel``, a ``Transformer``, or a ``(graphdef, state)`` pair from
+        ``nnx.split`` (split once and reuse it when scoring in a loop).
+      tokenizer: a ``ChatTokenizer`` (defaults to the ``LoadedModel``'s); only needed
+        for string inputs.
+      prompts: N prompts, or one prompt shared by all continuations (strings or ids;
+        strings are encoded with ``add_special_tokens``).
+      continuations: N continuations (strings encoded without special tokens, or ids).
+      batch_size: rows per jitted chunk (static; memory ~ batch_size * L * D plus
+        one ``[L, V]`` float32 row of logits).
+      min_bucket: smallest length bucket.
+
+    Returns:
+      :class:`ScoreOutput` in the input order.
+    """
+    if hasattr(model, "model") and hasattr(model, "config") and not isinstance(model, nnx.Module):
+        tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        model = model.model
+    if isinstance(model, nnx.Module):
+        graphdef, state = nnx.split(model)
+    elif isinstance(model, tuple) and len(model) == 2:
+        graphdef, state = model
+    else:
+        raise TypeError(f"score_continuations needs a LoadedModel, a Transformer or (graphdef, state), got {type(model).__name__}")
+    config = nnx.merge(graphdef, state).config if not isinstance(model, nnx.Module) else model.config
+    if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if isinstance(prompts, str) or isinstance(continuations, str):
+        raise TypeError("prompts and continuations must be lists (wrap a single string in a list)")
+    num = len(continuations)
+    if num == 0:
+        raise ValueError("continuations is empty: pass at least one continuation")
+    if len(prompts) not in (1, num):
+        raise ValueError(f"got {len(prompts)} prompts for {num} continuations; pass one prompt or one per continuation")
+    vocab = config.vocab_size
+    prompt_ids = [_as_ids(p, "prompt", i, tokenizer, vocab, add_special_tokens) for i, p in enumerate(prompts)]
+    if len(prompt_ids) == 1:
+        prompt_ids = prompt_ids * num
+    cont_ids = [_as_ids(c, "continuation", i, tokenizer, vocab, False) for i, c in enumerate(continuations)]
+    totals = np.asarray([len(p) + len(c) for p, c in zip(prompt_ids, cont_ids)], np.int32)
+    context = config.max_position_embeddings
+    too_long = np.flatnonzero(totals > context)
+    if too_long.size:
+        i = int(too_long[0])
+        raise ValueError(
+            f"pair {i}: prompt ({len(prompt_ids[i])} tokens) + continuation ({len(cont_ids[i])} tokens) "
+            f"= {totals[i]} tokens exceeds the model's context (max_position_embeddings={context})"
+        )
+
+    order = np.argsort(totals, kind="stable")
+    max_cont = max(len(c) for c in cont_ids)
+    out_lp = np.zeros((num, max_cont), np.float32)
+    for start in range(0, num, batch_size):
+        rows = order[start:start + batch_size]
+        bucket = prompt_bucket(int(totals[rows].max()), min_bucket)
+        tokens = np.zeros((batch_size, bucket), np.int32)
+        lengths = np.ones((batch_size,), np.int32)  # dummy rows: one token, nothing scored
+        for j, r in enumerate(rows):
+            ids = prompt_ids[r] + cont_ids[r]
+            tokens[j, :len(ids)] = ids
+            lengths[j] = len(ids)
+        lp = np.asarray(token_logprobs(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths)))
+        for j, r in enumerate(rows):
+            p, m = len(prompt_ids[r]), len(cont_ids[r])
+            out_lp[r, :m] = lp[j, p:p + m]
+    num_tokens = np.asarray([len(c) for c in cont_ids], np.int32)
+    sums = out_lp.sum(axis=1, dtype=np.float64).astype(np.float32)
+    return ScoreOutput(
+        token_logprobs=out_lp, num_tokens=num_tokens, sum_logprob=sums,
+        mean_logprob=(sums / num_tokens).astype(np.float32),
+        prompt_tokens=np.asarray([len(p) for p in prompt_ids], np.int32),
+    )

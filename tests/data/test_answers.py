@@ -1,0 +1,323 @@
+"""Answer extraction, equivalence and canonical ids (align_jax.data.answers)."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from fractions import Fraction
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from align_jax.data import answers
+from align_jax.data.answers import (
+    answers_equal,
+    canonicalize,
+    extract_answer,
+    is_correct,
+    normalize_answer,
+)
+
+DATA_DIR = Path(__file__).resolve().parents[2].parent / "shared" / "data"
+needs_data = pytest.mark.skipif(not DATA_DIR.is_dir(), reason=f"benchmark data not found at {DATA_DIR}")
+
+# (model output, expected extracted answer)
+EXTRACTION_CASES = [
+    ("#### 42", "42"),
+    ("Janet sells 9 eggs.\nShe makes 9 * 2 = $<<9*2=18>>18.\n#### 18", "18"),
+    ("#### 1,450,000\n\nQuestion: another one\n#### 7", "1450000"),  # first #### ends the solution
+    ("The answer is 42.", "42"),
+    ("The answer is 42. Check: 40 + 2 = 42, and I had 13 apples.", "42"),  # phrase beats later numbers
+    ("First I thought the answer is 40. No wait, the answer is 41.", "41"),  # last phrase wins
+    ("The final answer is: $\\frac{3}{4}$.", "\\frac{3}{4}"),
+    ("**Answer: 12**", "12"),
+    ("Answer: 50%", "50"),
+    ("The answer is $18.00.", "18"),
+    ("She makes $18.00 every day.", "18"),
+    ("The answer is 18 dollars per day.", "18"),
+    ("The answer is that she makes 18 dollars a day", "18"),
+    ("The answer is Evelyn.", "Evelyn"),
+    ("The answer is (C).", "C"),
+    ("\\boxed{\\text{(C)}}", "C"),
+    ("\\boxed{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("so \\boxed{1} first, then \\boxed{\\frac{\\sqrt{3}}{2}}", "\\frac{\\sqrt{3}}{2}"),  # last box wins
+    ("\\boxed{\\left( 3, \\frac{\\pi}{2} \\right)}", "\\left( 3, \\frac{\\pi}{2} \\right)"),  # nested braces
+    ("$\\boxed{x^{2^{3}} + \\frac{1}{\\sqrt{2}}}$ done", "x^{2^{3}} + \\frac{1}{\\sqrt{2}}"),
+    ("\\fbox{7}", "7"),
+    ("\\boxed 5", "5"),
+    ("\\boxed{10,\\!080}", "10080"),
+    ("\\boxed{90^\\circ}", "90"),
+    ("\\boxed{\\dfrac{17}{50}}", "\\frac{17}{50}"),
+    ("\\boxed{18 \\text{ dollars}}", "18"),
+    ("The answer is \\boxed{7} and #### 8", "7"),  # a box beats ####
+    ("The answer is 2k+2.", "2k+2"),
+    ("The answer is \\(\\sqrt{2}\\)", "\\sqrt{2}"),
+    ("It is \u22123 degrees", "-3"),  # unicode minus
+    ("The temperature is -3.", "-3"),
+    ("We get 5-3 = 2", "2"),  # binary minus is not a sign
+    ("so x = -7.5 in the end", "-7.5"),
+    ("Total: 1,000 apples", "1000"),
+    ("It costs 3.14. Then we stop", "3.14"),
+    ("The value is 1/2", "1/2"),
+    ("The rate is 2.5E-3.", "0.0025"),  # scientific notation
+    ("so it is \\frac{3}{4}", "\\frac{3}{4}"),
+    ("I have no idea.", None),
+    ("", None),
+    ("The answer is", None),
+    ("\\boxed{}", None),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), EXTRACTION_CASES)
+def test_extract_answer_table(text, expected):
+    assert extract_answer(text) == expected
+
+
+# (a, b, equal?)
+EQUIVALENCE_CASES = [
+    ("\\boxed{\\frac{1}{2}}", "0.5", True),
+    ("\\frac{1}{2}", "1/2", True),
+    ("\\frac12", ".5", True),
+    ("1,000", "1000", True),
+    ("$18.00", "18", True),
+    ("\\$18.00", "18", True),
+    ("-3", "\u22123", True),
+    ("\\text{(C)}", "C", True),
+    ("(C)", "C", True),
+    ("(C)", "(D)", False),
+    ("\\text{Evelyn}", "evelyn", True),
+    ("east", "west", False),
+    ("\\sqrt{4}", "2", True),
+    ("x=5", "5", True),
+    ("1/3", "0.333333", True),  # math-verify's 6-decimal rounding
+    ("1/3", "0.33333", False),
+    ("1000000", "1000001", False),
+    ("2", "3", False),
+    ("-2", "2", False),
+    ("50\\%", "50", True),
+    ("90^\\circ", "90", True),
+    ("3, 5, 7", "\\{7, 5, 3\\}", True),
+    ("(3, \\frac{\\pi}{2})", "\\left( 3, \\frac{\\pi}2 \\right)", True),
+    ("\\frac{\\sqrt{3}}{3}", "\\frac{1}{\\sqrt{3}}", True),
+    ("2\\sqrt{113}", "\\sqrt{452}", True),
+    ("6+9i", "9i+6", True),
+    ("(3,4]", "(3,4)", False),
+    ("p - q", "-q + p", True),
+    ("\\pi", "3.14", False),
+]
+
+
+@pytest.mark.parametrize(("a", "b", "equal"), EQUIVALENCE_CASES)
+def test_answers_equal_table(a, b, equal):
+    assert answers_equal(a, b) is equal
+    assert answers_equal(b, a) is equal  # symmetric
+
+
+def test_none_is_never_equal_and_never_correct():
+    assert not answers_equal(None, None)
+    assert not answers_equal(None, "1")
+    assert not answers_equal("1", None)
+    assert extract_answer("no digits at all here") is None
+    assert not is_correct(extract_answer("no digits at all here"), "0")
+    assert not is_correct(None, "42")
+    assert is_correct("42", "42")
+    assert not is_correct("43", "42")
+
+
+def test_bad_types_and_empty_gold_raise():
+    with pytest.raises(TypeError, match="extract_answer expects a str"):
+        extract_answer(42)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="answers\\[1\\]"):
+        canonicalize(["1", 2])  # type: ignore[list-item]
+    with pytest.raises(TypeError, match="single str"):
+        canonicalize("12")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="empty after normalisation"):
+        is_correct("1", "  $ ")
+
+
+def test_normalize_is_idempotent_on_table():
+    for text, _ in EXTRACTION_CASES:
+        extracted = extract_answer(text)
+        if extracted is not None:
+            assert normalize_answer(extracted) == extracted
+
+
+def test_canonicalize_groups_equivalents_and_keeps_minus_one():
+    values = ["18", "18.00", None, "$18", "0.5", "\\frac12", "x", None, "1/2", "\\sqrt{4}", "2", "", "y"]
+    ids = canonicalize(values)
+    assert ids.dtype == np.int32 and ids.shape == (len(values),)
+    np.testing.assert_array_equal(ids, [0, 0, -1, 0, 1, 1, 2, -1, 1, 3, 3, -1, 4])
+
+
+def test_canonicalize_agrees_with_answers_equal_pairwise():
+    values = ["7", "7.0", "\\frac{14}{2}", "\\sqrt{49}", "-7", "\u22127", None, "x=7", "8", "(C)", "\\text{C}", "C."]
+    ids = canonicalize(values)
+    for i, a in enumerate(values):
+        for j, b in enumerate(values):
+            if a is None or b is None:
+                assert ids[i] == -1 or ids[j] == -1
+                continue
+            assert (ids[i] == ids[j]) == answers_equal(a, b), (a, b)
+    # Ids are dense and numbered in order of first appearance.
+    seen = [int(i) for i in ids if i >= 0]
+    firsts = list(dict.fromkeys(seen))
+    assert firsts == list(range(len(firsts)))
+
+
+def test_canonicalize_empty():
+    assert canonicalize([]).shape == (0,)
+    np.testing.assert_array_equal(canonicalize([None, None]), [-1, -1])
+
+
+# ---- Properties -------------------------------------------------------------------------
+
+_decimals = st.decimals(min_value=-10**7, max_value=10**7, places=3, allow_nan=False, allow_infinity=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(value=_decimals)
+def test_extraction_of_formatted_numbers(value):
+    """Whatever the surface form, the extracted answer equals the number."""
+    plain = format(value, "f")
+    with_commas = f"{value:,f}"
+    for text in (
+        f"#### {with_commas}",
+        f"The answer is ${with_commas}.",
+        f"So the total is \\boxed{{{plain}}}",
+        f"We compute and get {with_commas} dollars",
+    ):
+        extracted = extract_answer(text)
+        assert extracted is not None and Fraction(extracted) == Fraction(value), (text, extracted)
+        assert is_correct(extracted, plain)
+
+
+_fractions = st.fractions(min_value=-1000, max_value=1000, max_denominator=50)
+
+
+def _surface(value: Fraction, style: int) -> str:
+    if style == 0 or value.denominator == 1:
+        return str(value.numerator) if value.denominator == 1 else f"{value.numerator}/{value.denominator}"
+    if style == 1:
+        sign = "-" if value < 0 else ""
+        return f"{sign}\\frac{{{abs(value.numerator)}}}{{{value.denominator}}}"
+    return f"{float(value):.8f}"
+
+
+@settings(max_examples=40, deadline=None)
+@given(a=_fractions, b=_fractions, style_a=st.integers(0, 2), style_b=st.integers(0, 2))
+def test_numeric_fast_path_agrees_with_math_verify(a, b, style_a, style_b):
+    """The pure-Python path gives math-verify's verdict on plain numbers."""
+    key_a, key_b = normalize_answer(_surface(a, style_a)), normalize_answer(_surface(b, style_b))
+    fast = answers._keys_equal(key_a, key_b, True)
+    slow = answers._math_verify_equal(key_a, key_b) or answers._math_verify_equal(key_b, key_a)
+    assert fast == slow, (key_a, key_b)
+
+
+# ---- Threads and time bounds --------------------------------------------------------------
+
+
+def test_math_verify_path_works_off_the_main_thread():
+    results = {}
+
+    def work():
+        # Strings unique to this test, so that nothing comes from the caches.
+        results["sqrt"] = answers_equal("\\sqrt{361}", "19")
+        results["set"] = answers_equal("\\{11, 13\\}", "13, 11")
+        results["wrong"] = answers_equal("\\sqrt{362}", "19")
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join(60)
+    assert results == {"sqrt": True, "set": True, "wrong": False}
+
+
+def test_timeout_arguments_by_thread(monkeypatch):
+    seen = []
+
+    def fake(*args, parsing_timeout):
+        seen.append(parsing_timeout)
+        return ["ok"]
+
+    assert answers._bounded_call(fake, "parsing_timeout", [], "x") == ["ok"]
+    worker = threading.Thread(target=lambda: seen.append(answers._bounded_call(fake, "parsing_timeout", [], "x")))
+    worker.start()
+    worker.join(10)
+    # Main thread: math-verify's own (signal) timeout; other threads: None, bounded by us.
+    assert seen == [answers.MATH_VERIFY_TIMEOUT_S, None, ["ok"]]
+
+
+def test_hung_math_verify_is_bounded_off_the_main_thread(monkeypatch):
+    monkeypatch.setattr(answers, "MATH_VERIFY_TIMEOUT_S", 1)
+    release = threading.Event()
+
+    def hang(*args, timeout_seconds):
+        release.wait(30)
+        return True
+
+    outcome = {}
+
+    def work():
+        start = time.perf_counter()
+        outcome["value"] = answers._bounded_call(hang, "timeout_seconds", False, 1, 2)
+        outcome["elapsed"] = time.perf_counter() - start
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join(20)
+    release.set()
+    assert outcome["value"] is False  # a timed-out comparison is "not equal", never "equal"
+    assert 0.9 <= outcome["elapsed"] < 10
+
+
+# ---- Reference solutions --------------------------------------------------------------------
+
+
+@needs_data
+def test_every_gsm8k_test_solution_extracts_its_gold():
+    lines = (DATA_DIR / "gsm8k" / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 1319
+    for line_number, line in enumerate(lines, start=1):
+        solution = json.loads(line)["answer"]
+        gold = solution.split("####")[-1].strip().replace(",", "")
+        extracted = extract_answer(solution)
+        assert extracted == gold, f"gsm8k/test.jsonl:{line_number}: {extracted!r} != {gold!r}"
+        assert is_correct(extracted, gold)
+
+
+@needs_data
+def test_math500_solutions_verify_against_their_answers():
+    lines = (DATA_DIR / "math500" / "test.jsonl").read_text(encoding="utf-8").splitlines()
+    assert len(lines) == 500
+    failures = []
+    for line_number, line in enumerate(lines, start=1):
+        record = json.loads(line)
+        if not is_correct(extract_answer(record["solution"]), record["answer"]):
+            failures.append((line_number, record["answer"]))
+    # Measured: 500/500 (100%). The issue requires at least 99%.
+    assert len(failures) <= 5, failures
+
+
+@needs_data
+def test_math500_gold_answers_survive_boxing_with_dfrac_and_spacing():
+    records = [json.loads(line) for line in (DATA_DIR / "math500" / "test.jsonl").read_text().splitlines()]
+    for record in records:
+        gold = record["answer"]
+        rewritten = gold.replace("\\frac", "\\dfrac")
+        output = f"Thus the final answer is $\\boxed{{ {rewritten} }}$.\nThe end, 2024."
+        assert is_correct(extract_answer(output), gold), gold
+
+
+def test_plain_numbers_never_reach_math_verify(monkeypatch):
+    def forbidden(*args):
+        raise AssertionError("math-verify called for plain numbers")
+
+    monkeypatch.setattr(answers, "_math_verify_equal", forbidden)
+    # Values unique to this test, so that no verdict comes from the cache.
+    assert answers_equal("$123,457.50", "123457.5")
+    assert answers_equal("\\frac{7}{123457}", "7/123457")
+    assert not answers_equal("123458", "123459")
+    np.testing.assert_array_equal(canonicalize(["654321", "654,321.0", "-654321", None]), [0, 0, 1, -1])

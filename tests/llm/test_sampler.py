@@ -1,0 +1,434 @@
+"""Tests for the jitted batched sampler and the token-selection rule (tiny random models, CPU)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from align_jax.llm import sampler as sampler_lib
+from align_jax.llm.logits import ban_tokens, compose_processors, sample_tokens
+from align_jax.llm.model import ModelConfig, Transformer, init_cache
+from align_jax.llm.sampler import Sampler, hidden_states, lm_head, prompt_bucket
+
+VOCAB = 43
+CHARS = "abcdefghijklmnopqrstuvwxyz .,!?0123456789"
+
+
+def tiny_config(arch: str = "qwen2", vocab: int = VOCAB) -> ModelConfig:
+    return ModelConfig(
+        arch=arch, vocab_size=vocab, hidden_size=32, intermediate_size=64, num_layers=2,
+        num_heads=4, num_kv_heads=2, head_dim=8, rope_theta=10000.0, rms_norm_eps=1e-6,
+        max_position_embeddings=128, tie_word_embeddings=(arch == "llama"),
+        attention_bias=(arch == "qwen2"),
+    )
+
+
+def tiny_model(arch: str = "qwen2", seed: int = 0, vocab: int = VOCAB) -> Transformer:
+    model = Transformer(tiny_config(arch, vocab), rngs=nnx.Rngs(seed))
+    # Sharpen the random init (std 0.02 gives near-uniform logits) so greedy paths
+    # have clear margins and differ between prompts.
+    graphdef, state = nnx.split(model)
+    state = jax.tree.map(lambda x: x * 8.0 if x.ndim == 2 else x, state)
+    return nnx.merge(graphdef, state)
+
+
+def char_tokenizer():
+    """A real ChatTokenizer over a character-level WordLevel vocabulary (id 0 = <eos>, 1 = <pad>)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from align_jax.llm.tokenizer import ChatTokenizer
+
+    vocab = {"<eos>": 0, "<pad>": 1}
+    for c in CHARS:
+        vocab[c] = len(vocab)
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    hf = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", pad_token="<pad>")
+    return ChatTokenizer(hf, [0], 1)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model("qwen2")
+
+
+@pytest.fixture(scope="module")
+def sampler(model):
+    return Sampler(model)
+
+
+PROMPTS = [[3, 4, 5], [7, 8, 9, 10, 11, 12, 13], [20]]
+KEY = jax.random.key(0)
+
+
+def full_logits(model, ids):
+    """Last-position logits of a no-cache forward pass over ``ids`` (the reference)."""
+    tokens = jnp.asarray([ids], jnp.int32)
+    positions = jnp.arange(len(ids), dtype=jnp.int32)[None]
+    logits, _ = model(tokens, positions)
+    return np.asarray(logits[0, -1])
+
+
+def log_softmax_np(x):
+    x = np.asarray(x, np.float64)
+    return x - np.log(np.exp(x - x.max()).sum()) - x.max()
+
+
+# --------------------------------------------------------------------------- internals
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_hidden_states_and_head_equal_model_call(arch):
+    m = tiny_model(arch, seed=1)
+    tokens = jnp.asarray([[1, 2, 3, 4, 5, 6], [0, 0, 9, 8, 7, 6]], jnp.int32)
+    positions = jnp.asarray([[0, 1, 2, 3, 4, 5], [0, 0, 0, 1, 2, 3]], jnp.int32)
+    kv_mask = jnp.asarray([[True] * 6, [False, False] + [True] * 4])
+    ref, _ = m(tokens, positions, None, 0, kv_mask)
+    h, _ = hidden_states(m, tokens, positions, None, 0, kv_mask)
+    np.testing.assert_allclose(lm_head(m, h), ref, atol=1e-5)
+    cache_mask = jnp.concatenate([kv_mask, jnp.ones((2, 4), bool)], axis=1)
+    ref_c, ref_cache = m(tokens, positions, init_cache(m.config, 2, 10), 0, cache_mask)
+    h_c, cache = hidden_states(m, tokens, positions, init_cache(m.config, 2, 10), 0, cache_mask)
+    np.testing.assert_allclose(lm_head(m, h_c), ref_c, atol=1e-5)
+    np.testing.assert_allclose(cache.k, ref_cache.k, atol=1e-6)
+
+
+def test_prompt_bucket():
+    assert [prompt_bucket(n) for n in (1, 16, 17, 100, 128, 129)] == [16, 16, 32, 128, 128, 256]
+    assert prompt_bucket(3, minimum=1) == 4
+
+
+# --------------------------------------------------------------------------- greedy / cache
+
+
+def test_greedy_equals_stepwise_argmax_of_full_forward(model, sampler):
+    out = sampler.generate(PROMPTS, key=KEY, num_samples=2, max_new_tokens=8, temperature=0.0,
+                           eos_token_ids=())
+    assert out.tokens.shape == (3, 2, 8)
+    for b, prompt in enumerate(PROMPTS):
+        ids, expected, expected_lp = list(prompt), [], []
+        for _ in range(8):
+            logits = full_logits(model, ids)
+            tok = int(np.argmax(logits))
+            expected.append(tok)
+            expected_lp.append(log_softmax_np(logits)[tok])
+            ids.append(tok)
+        for k in range(2):
+            assert out.tokens[b, k].tolist() == expected, (b, k)
+            np.testing.assert_allclose(out.logprobs[b, k], expected_lp, atol=1e-4)
+            np.testing.assert_array_equal(out.sampling_logprobs[b, k], 0.0)
+    assert out.lengths.tolist() == [[8, 8]] * 3
+    assert out.finish_reasons == [["length", "length"]] * 3
+    assert out.prompt_tokens.tolist() == [3, 7, 1]
+    assert out.generated_tokens == 48
+    assert out.text is None
+    # greedy paths differ between prompts (the test would be vacuous otherwise)
+    assert len({tuple(out.tokens[b, 0]) for b in range(3)}) == 3
+
+
+def test_cached_decode_logprobs_equal_full_recompute(model, sampler):
+    """Sampled (not greedy) paths: every raw log-prob the cached decoder reports equals the
+    log-softmax of a full no-cache forward over prompt + tokens so far."""
+    out = sampler.generate(PROMPTS[:2], key=jax.random.key(3), num_samples=2, max_new_tokens=8,
+                           temperature=1.0, eos_token_ids=())
+    for b, prompt in enumerate(PROMPTS[:2]):
+        for k in range(2):
+            toks = out.tokens[b, k].tolist()
+            for t in range(8):
+                ref = log_softmax_np(full_logits(model, list(prompt) + toks[:t]))
+                assert out.logprobs[b, k, t] == pytest.approx(ref[toks[t]], abs=1e-4)
+                # T=1, top_p=1: sampling distribution is the model's own
+                assert out.sampling_logprobs[b, k, t] == pytest.approx(ref[toks[t]], abs=1e-4)
+
+
+def test_left_padding_does_not_change_a_row(sampler):
+    alone = sampler.generate([PROMPTS[0]], key=KEY, num_samples=2, max_new_tokens=8,
+                             temperature=1.0, eos_token_ids=())
+    batched = sampler.generate([PROMPTS[0], list(range(2, 40))], key=KEY, num_samples=2,
+                               max_new_tokens=8, temperature=1.0, eos_token_ids=())
+    # prompt 0 is padded from bucket 16 to bucket 64 and shares the batch: same samples
+    np.testing.assert_array_equal(alone.tokens[0], batched.tokens[0])
+    np.testing.assert_allclose(alone.logprobs[0], batched.logprobs[0], atol=1e-5)
+
+
+def test_reproducible_with_key_and_different_with_another(sampler):
+    kw = dict(num_samples=4, max_new_tokens=8, temperature=1.0, eos_token_ids=())
+    a = sampler.generate(PROMPTS, key=jax.random.key(11), **kw)
+    b = sampler.generate(PROMPTS, key=jax.random.key(11), **kw)
+    c = sampler.generate(PROMPTS, key=jax.random.key(12), **kw)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    assert not np.array_equal(a.tokens, c.tokens)
+    # the K samples of one prompt differ from each other
+    assert len({tuple(a.tokens[0, k]) for k in range(4)}) > 1
+    # a raw uint32 key works too
+    d = sampler.generate(PROMPTS, key=jax.random.PRNGKey(11), **kw)
+    assert d.tokens.shape == a.tokens.shape
+
+
+@pytest.mark.parametrize("settings", [
+    dict(temperature=1e-6),
+    dict(temperature=1.0, top_p=1e-6),
+    dict(temperature=1.5, top_k=1),
+])
+def test_degenerate_sampling_equals_greedy(sampler, settings):
+    greedy = sampler.generate(PROMPTS, key=KEY, num_samples=2, max_new_tokens=8,
+                              temperature=0.0, eos_token_ids=())
+    other = sampler.generate(PROMPTS, key=jax.random.key(5), num_samples=2, max_new_tokens=8,
+                             eos_token_ids=(), **settings)
+    np.testing.assert_array_equal(other.tokens, greedy.tokens)
+
+
+def test_per_row_temperature(sampler):
+    greedy = sampler.generate(PROMPTS, key=KEY, num_samples=2, max_new_tokens=8,
+                              temperature=0.0, eos_token_ids=())
+    mixed = sampler.generate(PROMPTS, key=KEY, num_samples=2, max_new_tokens=8,
+                             temperature=[[0.0, 2.0], [0.0, 2.0], [0.0, 2.0]], eos_token_ids=())
+    np.testing.assert_array_equal(mixed.tokens[:, 0], greedy.tokens[:, 0])
+    assert not np.array_equal(mixed.tokens[:, 1], greedy.tokens[:, 1])
+    np.testing.assert_array_equal(mixed.sampling_logprobs[:, 0], 0.0)
+    assert np.all(mixed.sampling_logprobs[:, 1] < 0)
+
+
+# --------------------------------------------------------------------------- stopping
+
+
+def test_stop_on_eos(sampler):
+    greedy = sampler.generate([PROMPTS[1]], key=KEY, max_new_tokens=8, temperature=0.0,
+                              eos_token_ids=())
+    path = greedy.tokens[0, 0].tolist()
+    eos = path[3]
+    first = path.index(eos)
+    out = sampler.generate([PROMPTS[1]], key=KEY, max_new_tokens=8, temperature=0.0,
+                           eos_token_ids=(eos,))
+    assert out.lengths[0, 0] == first + 1
+    assert out.finish_reasons[0][0] == "eos"
+    assert out.tokens[0, 0, : first + 1].tolist() == path[: first + 1]
+    assert np.all(out.tokens[0, 0, first + 1:] == 0)  # pad id without a tokenizer
+    assert np.all(out.logprobs[0, 0, first + 1:] == 0)
+    assert out.num_steps == first + 1  # the loop stopped early
+    ignored = sampler.generate([PROMPTS[1]], key=KEY, max_new_tokens=8, temperature=0.0,
+                               eos_token_ids=(eos,), ignore_eos=True)
+    assert ignored.tokens[0, 0].tolist() == path and ignored.num_steps == 8
+
+
+def test_stop_token_sequence_on_device(sampler):
+    greedy = sampler.generate([PROMPTS[2]], key=KEY, max_new_tokens=8, temperature=0.0,
+                              eos_token_ids=())
+    path = greedy.tokens[0, 0].tolist()
+    seq = tuple(path[2:4])
+    end = next(i for i in range(1, 8) if tuple(path[i - 1:i + 1]) == seq) + 1
+    out = sampler.generate([PROMPTS[2]], key=KEY, max_new_tokens=8, temperature=0.0,
+                           eos_token_ids=(), stop_token_sequences=[seq])
+    assert out.lengths[0, 0] == end and out.finish_reasons[0][0] == "stop"
+    assert out.tokens[0, 0, :end].tolist() == path[:end]
+
+
+def test_stop_strings_and_text_with_a_tokenizer():
+    tok = char_tokenizer()
+    m = tiny_model("llama", seed=2, vocab=tok.vocab_size)
+    s = Sampler(m, tok)
+    prompt = "the cat sat on the"
+    greedy = s.generate([prompt], key=KEY, max_new_tokens=12, temperature=0.0, ignore_eos=True)
+    text = greedy.text[0][0]
+    assert text == tok.decode(greedy.tokens[0, 0])
+    stop = text[5:7]
+    cut = text.find(stop)
+    out = s.generate([prompt], key=KEY, max_new_tokens=12, temperature=0.0, ignore_eos=True,
+                     stop=[stop])
+    assert out.text[0][0] == text[:cut]
+    assert out.finish_reasons[0][0] == "stop"
+    # the kept tokens are the shortest prefix whose text contains the stop string
+    n = int(out.lengths[0, 0])
+    assert stop in tok.decode(out.tokens[0, 0, :n]) and stop not in tok.decode(out.tokens[0, 0, : n - 1])
+    assert np.all(out.tokens[0, 0, n:] == tok.pad_token_id)
+    # the standalone tokenisation of the stop string also ended decoding on device
+    assert out.num_steps == n
+
+
+# --------------------------------------------------------------------------- processor hook
+
+
+def test_ban_processor_never_emits_banned_tokens(sampler):
+    banned = list(range(0, VOCAB, 2))
+    proc = ban_tokens(banned)
+    out = sampler.generate(PROMPTS, key=KEY, num_samples=4, max_new_tokens=8, temperature=2.0,
+                           eos_token_ids=(), logits_processor=proc)
+    assert not np.isin(out.tokens, banned).any()
+    base = sampler.generate(PROMPTS, key=KEY, num_samples=4, max_new_tokens=8, temperature=2.0,
+                            eos_token_ids=())
+    assert np.isin(base.tokens, banned).any()  # without the ban they do appear
+    # raw log-probs stay those of the model (before the processor), sampling ones renormalise
+    assert np.all(out.sampling_logprobs > out.logprobs)
+
+
+def test_processor_sees_step_state_and_threads_user_state(sampler):
+    """A processor forcing token (step + offset[row]) and an update counting emitted tokens."""
+    rows = 3 * 2
+    offsets = jnp.arange(rows, dtype=jnp.int32)
+
+    def force(logits, state):
+        vocab = logits.shape[-1]
+        target = (state.step + state.user["offset"]) % vocab
+        # the tokens buffer holds exactly the previous steps' choices (else ban everything)
+        steps = jnp.arange(state.tokens.shape[1])[None, :]
+        prev_ok = jnp.all(jnp.where(steps < state.step,
+                                    state.tokens == (steps + state.user["offset"][:, None]) % vocab, True))
+        hit = (jnp.arange(vocab)[None, :] == target[:, None]) & prev_ok
+        return jnp.where(hit, 0.0, -1e9)
+
+    def count(user, tokens, state):
+        return {**user, "count": user["count"] + (tokens >= 0).astype(jnp.int32),
+                "pos_sum": user["pos_sum"] + state.positions}
+
+    user = {"offset": offsets, "count": jnp.zeros(rows, jnp.int32), "pos_sum": jnp.zeros(rows, jnp.int32)}
+    out = sampler.generate(PROMPTS, key=KEY, num_samples=2, max_new_tokens=8, temperature=1.0,
+                           eos_token_ids=(), logits_processor=force, processor_update=count,
+                           processor_state=user)
+    expected = (np.arange(8)[None, :] + np.arange(rows)[:, None]) % VOCAB
+    np.testing.assert_array_equal(out.tokens.reshape(rows, 8), expected)
+    np.testing.assert_array_equal(out.processor_state["count"], 8)
+    prompt_len = np.repeat([len(p) for p in PROMPTS], 2)
+    np.testing.assert_array_equal(out.processor_state["pos_sum"], 8 * prompt_len + 28)
+    np.testing.assert_allclose(out.sampling_logprobs, 0.0, atol=1e-6)  # one allowed token
+
+
+def test_compose_processors_and_bad_ban_ids():
+    logits = jnp.zeros((2, 5))
+    proc = compose_processors(ban_tokens([1]), ban_tokens([3]))
+    out = np.asarray(proc(logits, None))
+    assert np.isinf(out[:, [1, 3]]).all() and np.isfinite(out[:, [0, 2, 4]]).all()
+    with pytest.raises(ValueError, match="outside the vocabulary"):
+        ban_tokens([7])(logits, None)
+    with pytest.raises(ValueError, match="empty"):
+        ban_tokens([])
+
+
+# --------------------------------------------------------------------------- distribution
+
+
+def _chi_square_ok(counts, probs, n):
+    """Pearson chi-square over categories with expected count >= 5, compared with a loose
+    bound (mean df, sd sqrt(2 df): df + 6 sd is a p-value far below 1e-6 for a wrong sampler)."""
+    expected = probs * n
+    keep = expected >= 5
+    stat = float((((counts - expected) ** 2)[keep] / expected[keep]).sum())
+    df = int(keep.sum()) - 1
+    return stat < df + 6 * np.sqrt(2 * df), stat, df
+
+
+LOGITS = np.log(np.array([0.30, 0.22, 0.15, 0.12, 0.09, 0.06, 0.04, 0.02], np.float64))
+
+
+def _reference_probs(logits, temperature, top_p, top_k):
+    z = logits / temperature
+    p = np.exp(z - z.max()); p /= p.sum()
+    order = np.argsort(-p, kind="stable")
+    q = np.zeros_like(p)
+    sorted_p = p[order]
+    if top_k is not None:
+        sorted_p = np.where(np.arange(len(p)) < top_k, sorted_p, 0.0)
+        sorted_p /= sorted_p.sum()
+    before = np.cumsum(sorted_p) - sorted_p
+    sorted_p = np.where(before < top_p, sorted_p, 0.0)
+    q[order] = sorted_p / sorted_p.sum()
+    return q
+
+
+@pytest.mark.parametrize("temperature,top_p,top_k", [
+    (1.0, 1.0, None), (0.5, 1.0, None), (2.0, 1.0, None), (1.0, 0.6, None), (1.0, 1.0, 3),
+    (0.7, 0.8, 5),
+])
+def test_sample_tokens_frequencies_match_distribution(temperature, top_p, top_k):
+    n = 40000
+    logits = jnp.broadcast_to(jnp.asarray(LOGITS, jnp.float32), (n, len(LOGITS)))
+    keys = jax.random.split(jax.random.key(7), n)
+    out = jax.jit(sample_tokens, static_argnames=("top_k", "num_candidates", "full_vocab"))(
+        keys, logits, jnp.full((n,), temperature), jnp.full((n,), top_p), top_k=top_k,
+        num_candidates=6)
+    probs = _reference_probs(LOGITS, temperature, top_p, top_k)
+    counts = np.bincount(np.asarray(out.tokens), minlength=len(LOGITS))
+    assert np.all(counts[probs == 0] == 0)
+    ok, stat, df = _chi_square_ok(counts, probs, n)
+    assert ok, (stat, df, counts, probs * n)
+    np.testing.assert_allclose(np.asarray(out.sampling_logprobs), np.log(probs[np.asarray(out.tokens)]), atol=1e-5)
+
+
+def test_top_p_uses_a_candidate_set_not_a_full_sort():
+    """With top_p < 1 and num_candidates=C, only the C largest logits can be drawn."""
+    n, vocab = 4000, 50
+    logits = jnp.zeros((n, vocab))  # uniform: the nucleus for top_p=0.99 is 50 tokens
+    keys = jax.random.split(jax.random.key(1), n)
+    out = sample_tokens(keys, logits, jnp.ones(n), jnp.full((n,), 0.99), num_candidates=4)
+    assert set(np.unique(np.asarray(out.tokens))) == {0, 1, 2, 3}
+    jaxpr = str(jax.make_jaxpr(lambda k, l, t, p: sample_tokens(k, l, t, p, num_candidates=4))(
+        keys, logits, jnp.ones(n), jnp.full((n,), 0.99)))
+    assert "top_k" in jaxpr and "sort" not in jaxpr
+
+
+def test_sampler_end_to_end_frequencies(sampler):
+    """Through the whole sampler: first tokens drawn with a processor that imposes known logits."""
+    table = jnp.full((VOCAB,), -jnp.inf).at[: len(LOGITS)].set(jnp.asarray(LOGITS, jnp.float32))
+
+    def fixed(logits, state):
+        return jnp.broadcast_to(table, logits.shape)
+
+    k = 4096
+    out = sampler.generate([PROMPTS[0]], key=jax.random.key(2), num_samples=k, max_new_tokens=1,
+                           temperature=1.0, top_p=0.9, eos_token_ids=(), logits_processor=fixed)
+    probs = _reference_probs(LOGITS, 1.0, 0.9, None)
+    counts = np.bincount(out.tokens[0, :, 0], minlength=VOCAB)[: len(LOGITS)]
+    assert counts.sum() == k
+    ok, stat, df = _chi_square_ok(counts, probs, k)
+    assert ok, (stat, df, counts)
+
+
+# --------------------------------------------------------------------------- compilation
+
+
+def test_no_retrace_on_second_call_with_same_bucket(sampler):
+    kw = dict(num_samples=2, max_new_tokens=8, eos_token_ids=())
+    sampler.generate([[1, 2, 3], [4, 5]], key=jax.random.key(0), temperature=0.8, top_p=1.0, **kw)
+    before = dict(sampler_lib.TRACE_COUNTS)
+    # different prompts and lengths (same bucket 16), different key / temperature / top_p values
+    sampler.generate([[9, 9, 9, 9, 9, 9], [1]], key=jax.random.key(9), temperature=[0.3, 1.7],
+                     top_p=1.0, **kw)
+    assert dict(sampler_lib.TRACE_COUNTS) == before
+
+
+# --------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(prompts=[]), "prompts is empty"),
+    (dict(prompts=[[1, 2], []]), "prompt 1 is empty"),
+    (dict(prompts=[[1, 2], list(range(1, 40)) * 3]), r"prompt 1 has 117 tokens; with max_new_tokens=16 it needs 133"),
+    (dict(prompts=[[1, VOCAB]]), "prompt 0 has token id 43 outside the vocabulary"),
+    (dict(temperature=-0.1), "temperature must be finite and >= 0"),
+    (dict(temperature=float("nan")), "temperature must be finite"),
+    (dict(temperature=[1.0, 1.0, 1.0]), r"temperature has shape \(3,\)"),
+    (dict(top_p=1.5), r"top_p must be in \(0, 1\]; row 0 has 1.5"),
+    (dict(top_p=0.0), r"top_p must be in \(0, 1\]"),
+    (dict(num_samples=0), "num_samples must be an int >= 1"),
+    (dict(max_new_tokens=0), "max_new_tokens must be an int >= 1"),
+    (dict(top_k=0), "top_k must be None or an int >= 1"),
+    (dict(key=None), "key is required"),
+    (dict(key=jnp.zeros(3)), "key must be jax.random.key"),
+    (dict(prompts=["text"]), "prompt 0 is a string but the sampler has no tokenizer"),
+    (dict(eos_token_ids=None), "eos_token_ids is required"),
+])
+def test_bad_input_raises_clear_errors(sampler, kwargs, match):
+    call = dict(prompts=[[1, 2], [3]], key=KEY, max_new_tokens=16, eos_token_ids=())
+    call.update(kwargs)
+    prompts = call.pop("prompts")
+    with pytest.raises(ValueError, match=match):
+        sampler.generate(prompts, **call)
+
+
+def test_sampler_rejects_non_models():
+    with pytest.raises(TypeError, match="LoadedModel or a Transformer"):
+        Sampler(object())
