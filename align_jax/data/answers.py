@@ -15,6 +15,10 @@ Equivalence is decided in three tiers, cheapest first:
    short words (``Evelyn``, ``east``) compare case-insensitively;
 3. ``math_verify.parse`` / ``math_verify.verify`` (symbolic: ``\\sqrt{4} == 2``,
    ``x=5 == 5``, sets, tuples, intervals, matrices), with parses and verdicts cached.
+   math-verify spends ~0.1 s in ``sympy.simplify`` on a pair that is *not* equal, so
+   before calling ``verify`` both parsed expressions are evaluated at two fixed
+   pseudo-random points (free symbols substituted; a randomised identity test): values
+   that differ prove inequality. Only equal-looking pairs reach ``verify``.
 
 math-verify bounds its own run time with ``signal.alarm``, which only works in the
 main thread. Off the main thread we pass its timeout arguments as ``None`` and bound
@@ -32,7 +36,8 @@ import functools
 import logging
 import re
 import threading
-from decimal import Decimal, InvalidOperation
+import zlib
+from decimal import Decimal
 from fractions import Fraction
 from typing import Any, Callable, Sequence
 
@@ -61,7 +66,7 @@ _CACHE_SIZE = 1 << 16
 # A plain number: optional sign, digits with optional thousands separators, optional
 # decimals; also a bare leading-dot decimal (".5").
 _NUM = r"(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?|\.\d+"
-_PLAIN_NUMBER_RE = re.compile(rf"[-+]?(?:{_NUM})(?:[eE][-+]?\d+)?")  # also "2.0107e-06"
+_PLAIN_NUMBER_RE = re.compile(rf"[-+]?(?:{_NUM})(?:[eE][-+]?\d{{1,3}})?")  # also "2.0107e-06"
 _NUMBER_WITH_UNIT_RE = re.compile(rf"([-+]?(?:{_NUM}))\s*([A-Za-z][A-Za-z\s./'-]*)")
 _SLASH_FRACTION_RE = re.compile(r"([-+]?)(\d+)\s*/\s*(\d+)")
 _LATEX_FRACTION_RE = re.compile(r"([-+]?)\\frac\s*(?:\{\s*(\d+)\s*\}|(\d))\s*(?:\{\s*(\d+)\s*\}|(\d))")
@@ -70,17 +75,17 @@ _WORDS_RE = re.compile(r"[A-Za-z][A-Za-z '-]*")
 # Numbers as they appear in running text, for the last-number fallback. A leading minus
 # counts only when it is not a binary minus ("5-3" ends in 3, not -3).
 _TEXT_NUMBER_RE = re.compile(
-    r"(?:(?<![\w)\]}])-)?(?<![\w.])(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:[eE][-+]?\d+(?!\w|\.\d))?"
+    r"(?:(?<![\w)\]}])-)?(?<![\w.])(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:[eE][-+]?\d{1,3}(?!\w|\.\d))?"
     r"(?:\s*/\s*\d+(?![\d.]))?"
 )
 _TEXT_LATEX_FRACTION_RE = re.compile(r"-?\s*\\[dt]?frac\s*\{\s*-?\d+\s*\}\s*\{\s*\d+\s*\}")
 _ANSWER_IS_RE = re.compile(
-    r"(?:final\s+answer|the\s+answer|answer)\s*(?:is\b\s*:?|:|=)\s*", re.IGNORECASE
+    r"\b(?:final\s+answer|the\s+answer|answer)\s*(?:is\b\s*:?|:|=)\s*", re.IGNORECASE
 )
 _BOXED_RE = re.compile(r"\\(?:boxed|fbox)\b")
 _TEXT_COMMAND_RE = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox)\s*\{([^{}]*)\}")
 _SPACING_RE = re.compile(r"\\[!,;:> ]|\\q?quad\b|~")
-_DEGREE_RE = re.compile(r"\^\s*\{?\s*\\circ\s*\}?|°|\\degree\b")
+_DEGREE_RE = re.compile(r"\^\s*(?:\{\s*\\circ\s*\}|\\circ)|°|\\degree\b")
 _PROSE_WORD_RE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{3,}")
 _SENTENCE_END_RE = re.compile(r"\.(?=\s|$)|\n")
 
@@ -145,6 +150,12 @@ def normalize_answer(answer: str) -> str:
     text = answer.translate(_UNICODE_MAP).strip()
     text = text.replace("**", "").replace("\\$", "$")
     text = _strip_math_delimiters(text)
+    text = text.rstrip(".,;:!? ")
+    boxed = _BOXED_RE.match(text)
+    if boxed:  # a whole-string \boxed{...}: its contents
+        open_brace = boxed.end() + len(text[boxed.end() :]) - len(text[boxed.end() :].lstrip(" "))
+        if _matching_brace(text, open_brace) == len(text) - 1:
+            return normalize_answer(text[open_brace + 1 : -1])
     text = re.sub(r"\\[dt]frac\b", r"\\frac", text)
     text = _SPACING_RE.sub("", text) if "\\" in text or "~" in text else text
     text = _DEGREE_RE.sub("", text)
@@ -154,11 +165,6 @@ def normalize_answer(answer: str) -> str:
         previous = text
         text = _TEXT_COMMAND_RE.sub(r"\1", text)
     text = text.strip().rstrip(".,;:!?").strip()
-    boxed = _BOXED_RE.match(text)
-    if boxed:  # a whole-string \boxed{...}: its contents
-        open_brace = boxed.end() + len(text[boxed.end() :]) - len(text[boxed.end() :].lstrip(" "))
-        if _matching_brace(text, open_brace) == len(text) - 1:
-            return normalize_answer(text[open_brace + 1 : -1])
     if text.startswith("{") and text.endswith("}") and _balanced(text[1:-1]):
         text = text[1:-1].strip()
     if _PLAIN_NUMBER_RE.fullmatch(text):
@@ -375,6 +381,80 @@ def _math_verify_equal(gold_key: str, pred_key: str) -> bool:
     return bool(_bounded_call(math_verify.verify, "timeout_seconds", False, list(gold), list(pred)))
 
 
+_Fingerprint = tuple  # ("scalar", (v1, v2)) or ("tuple", ((v1, v2), ...))
+
+
+def _probe_value(name: str, probe: int) -> float:
+    """A deterministic pseudo-random value in [0.3, 2.3) for symbol ``name`` at probe ``probe``."""
+    return 0.3 + 2.0 * (zlib.crc32(f"{name}/{probe}".encode()) / 2**32)
+
+
+def _scalar_values(expression: Any) -> tuple[complex, complex] | None:
+    """A sympy expression's values at two probe points (its free symbols substituted)."""
+    import sympy
+
+    if not isinstance(expression, sympy.Expr) or isinstance(expression, sympy.Tuple):
+        return None
+    symbols = sorted(expression.free_symbols, key=str)
+    values = []
+    for probe in (0, 1):
+        substitution = {symbol: _probe_value(str(symbol), probe) for symbol in symbols}
+        value = complex(expression.evalf(20, subs=substitution))
+        if not (value.real == value.real and value.imag == value.imag) or abs(value) == float("inf"):
+            return None
+        values.append(value)
+    return values[0], values[1]
+
+
+@functools.lru_cache(maxsize=_CACHE_SIZE)
+def _numeric_fingerprint(key: str) -> _Fingerprint | None:
+    """Values of a normalised answer at two probe points, for ruling out unequal pairs.
+
+    Two expressions that math-verify calls equal take (nearly) the same values wherever
+    they are both evaluated, so values that differ prove inequality without
+    ``sympy.simplify`` (the classic randomised identity test). None: no fingerprint
+    (relations, sets, intervals, matrices, text, anything that fails to evaluate).
+    """
+    number = _as_number(key)
+    if number is not None:
+        value = complex(float(number))
+        return ("scalar", (value, value))
+    parsed = _math_verify_parse(key)
+    if not parsed:
+        return None
+    try:
+        import sympy
+
+        expression = parsed[0]
+        if isinstance(expression, sympy.Tuple):
+            items = tuple(_scalar_values(item) for item in expression)
+            return ("tuple", items) if items and all(item is not None for item in items) else None
+        values = _scalar_values(expression)
+        return None if values is None else ("scalar", values)
+    except Exception:  # noqa: BLE001 - an exotic expression simply has no fingerprint
+        return None
+
+
+def _surely_different(values_a: tuple[complex, ...], values_b: tuple[complex, ...]) -> bool:
+    """Some probe values differ by far more than math-verify's tolerance (6 decimals)."""
+    for value_a, value_b in zip(values_a, values_b):
+        if abs(value_a - value_b) > 1e-5 * max(1.0, abs(value_a), abs(value_b)):
+            return True
+    return False
+
+
+def _fingerprints_differ(gold_key: str, pred_key: str) -> bool:
+    gold, pred = _numeric_fingerprint(gold_key), _numeric_fingerprint(pred_key)
+    if gold is None or pred is None:
+        return False
+    (gold_kind, gold_values), (pred_kind, pred_values) = gold, pred
+    if gold_kind != pred_kind:  # a scalar never equals a tuple of two or more numbers
+        return len(gold_values if gold_kind == "tuple" else pred_values) >= 2
+    if gold_kind == "tuple":
+        return len(gold_values) != len(pred_values) or any(map(_surely_different, gold_values, pred_values))
+    return _surely_different(gold_values, pred_values)
+
+
 @functools.lru_cache(maxsize=_CACHE_SIZE)
 def _keys_equal(gold_key: str, pred_key: str, symmetric: bool) -> bool:
     if not gold_key or not pred_key:
@@ -387,6 +467,9 @@ def _keys_equal(gold_key: str, pred_key: str, symmetric: bool) -> bool:
     if _WORDS_RE.fullmatch(gold_key) and _WORDS_RE.fullmatch(pred_key):
         if len(gold_key) > 1 or len(pred_key) > 1:
             return gold_key.strip().lower() == pred_key.strip().lower()
+    # math-verify spends ~0.1 s in sympy.simplify on an unequal pair: rule those out first.
+    if _fingerprints_differ(gold_key, pred_key):
+        return False
     if _math_verify_equal(gold_key, pred_key):
         return True
     return symmetric and _math_verify_equal(pred_key, gold_key)

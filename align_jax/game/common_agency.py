@@ -84,9 +84,8 @@ is substituted through ``pi*(Y)``; this is the stacked-KKT approach to an
 equilibrium problem with equilibrium constraints) and runs Newton's method on
 the stacked system from any initial profile ``Y^0``.  The Jacobian
 ``I + 1 1^T (x) D`` (``D = diag(1/r)(I - 1 pi^T)``) is inverted in ``O(J M)``
-with a Sherman-Morrison step on the aggregate.  Globalisation: each step is
-scaled so the policy log-ratio ``log r`` moves by at most
-``SolverConfig.max_log_step`` per token.  The loop is a ``lax.while_loop``
+with a Sherman-Morrison step on the aggregate.  Globalisation: a per-token trust region,
+each step moves ``S_i / tau`` by at most ``SolverConfig.max_log_step``.  The loop is a ``lax.while_loop``
 with tolerance and iteration cap; under ``vmap`` finished positions are
 masked.  Plain best-response dynamics (Jacobi / Gauss-Seidel) were tried and
 rejected as the default: Jacobi diverges for ``J >= 3`` when a token is
@@ -141,13 +140,14 @@ class SolverConfig:
       max_iters: iteration cap of the Newton loop.
       tol: stop when :attr:`EquilibriumResult.residual` (relative, see there)
         is ``<= tol``.  ``1e-5`` suits float32; use ``1e-10`` in float64.
-      max_log_step: trust region, the largest change of ``log(pi_i / pi0_i)``
-        any token may take in one Newton step.
+      max_log_step: per-token trust region, the largest change of a token's
+        total incentive in units of ``tau`` (its log-odds ``S_i / tau``) in one
+        Newton step.
     """
 
-    max_iters: int = 100
+    max_iters: int = 200
     tol: float = 1e-5
-    max_log_step: float = 2.0
+    max_log_step: float = 3.0
 
     def __post_init__(self):
         if int(self.max_iters) < 1:
@@ -174,7 +174,10 @@ class EquilibriumResult(NamedTuple):
         tokens, divided by ``tau + max_k spread(a_k)``, where
         ``F_k = Y_k - w_k Q_k - tau pi0 / pi`` is the first-order condition in
         incentive units (zero up to a constant at the equilibrium).
-      converged: bool ``[]``, ``residual <= tol`` and everything finite.
+      converged: bool ``[]``: everything finite and ``residual <= max(tol,
+        floor)``, where ``floor`` is 4x the rounding noise of ``F`` in the
+        working dtype (see ``_foc``); it matters only in float32 when incentives
+        are large in units of ``tau`` (e.g. ``tau = 1e-3`` or weights ``1e3``).
     """
 
     policy: jax.Array
@@ -394,22 +397,24 @@ def welfare_maximizer(base_logits, objectives, weights, tau, valid=None, *, num_
     eps = jnp.finfo(logpi0.dtype).eps
 
     def cond(state):
-        i, lo, hi, nu, f = state
-        return (i < num_steps) & (jnp.abs(f) > 4 * eps) & (hi - lo > eps * (jnp.abs(hi) + jnp.abs(lo) + tau))
+        i, lo, hi, _, _, best_f = state
+        return (i < num_steps) & (jnp.abs(best_f) > 4 * eps) & (hi - lo > eps * (jnp.abs(hi) + jnp.abs(lo) + tau))
 
     def body(state):
-        i, lo, hi, nu, _ = state
+        i, lo, hi, nu, best_nu, best_f = state
         f, df = phi(nu)
-        lo = jnp.where(f > 0, nu, lo)  # phi decreasing: f > 0 means root is right
+        better = jnp.abs(f) < jnp.abs(best_f)
+        best_nu, best_f = jnp.where(better, nu, best_nu), jnp.where(better, f, best_f)
+        lo = jnp.where(f > 0, nu, lo)  # phi decreasing: f > 0 means the root is right of nu
         hi = jnp.where(f > 0, hi, nu)
         newton = nu - f / df
-        inside = (newton > lo) & (newton < hi) & jnp.isfinite(newton)
+        inside = (newton >= lo) & (newton <= hi) & jnp.isfinite(newton)
         nu_next = jnp.where(inside, newton, 0.5 * (lo + hi))
-        return i + 1, lo, hi, nu_next, f
+        return i + 1, lo, hi, nu_next, best_nu, best_f
 
     nu0 = 0.5 * (lo + hi)
-    init = (jnp.asarray(0), lo, hi, nu0, jnp.asarray(jnp.inf, logpi0.dtype))
-    _, _, _, nu, _ = jax.lax.while_loop(cond, body, init)
+    init = (jnp.asarray(0), lo, hi, nu0, nu0, jnp.asarray(jnp.inf, logpi0.dtype))
+    _, _, _, _, nu, _ = jax.lax.while_loop(cond, body, init)
     x, _ = log_ratio(nu)
     return _log_policy(logpi0, tau * x, tau, valid)
 
@@ -440,20 +445,32 @@ def equilibrium_incentives(log_policy, base_logits, objectives, weights, tau, va
 def _foc(y, a, logpi0, tau, valid):
     """Stacked first-order conditions at incentives ``y``.
 
-    Returns ``(F [J, M], log_policy [M], x = log r [M])``.
+    Returns ``(F [J, M], log_policy [M], x = log r [M], noise [])`` where
+    ``noise`` bounds the rounding error of ``F`` in the working dtype:
+    ``eps (max|Y| + max(tau / r) (1 + J max|Y| / tau + max|log pi0|))``.
     """
-    logpi = _log_policy(logpi0, jnp.sum(y, axis=0), tau, valid)
+    total = jnp.sum(y, axis=0)
+    logpi = _log_policy(logpi0, total, tau, valid)
     x = jnp.where(valid, logpi - logpi0, 0.0)
     inv_r = jnp.exp(jnp.minimum(-x, _exp_cap(x.dtype)))
-    f = jnp.where(valid[None, :], y - a - tau * inv_r[None, :], 0.0)
-    return f, logpi, x
+    price = jnp.where(valid, tau * inv_r, 0.0)
+    f = jnp.where(valid[None, :], y - a - price[None, :], 0.0)
+    # log r carries the rounding of S / tau (S summed from J incentives) and of log pi0
+    max_y = jnp.max(jnp.abs(y))
+    log_odds = y.shape[0] * max_y / tau + jnp.max(jnp.abs(logpi0))
+    noise = jnp.finfo(f.dtype).eps * (max_y + jnp.max(price) * (1.0 + log_odds))
+    return f, logpi, x, noise
 
 
-def _residual(f, a, tau, valid):
-    spread_f = _masked_max(f, valid[None, :]) - _masked_min(f, valid[None, :])
+def _scale(a, tau, valid):
+    """``tau + max_k spread(a_k)``: the unit of the relative residual."""
     spread_a = _masked_max(a, valid[None, :]) - _masked_min(a, valid[None, :])
-    scale = tau + jnp.max(spread_a)
-    return 0.5 * jnp.max(spread_f) / scale
+    return tau + jnp.max(spread_a)
+
+
+def _residual(f, valid):
+    spread_f = _masked_max(f, valid[None, :]) - _masked_min(f, valid[None, :])
+    return 0.5 * jnp.max(spread_f)
 
 
 def solve_equilibrium(
@@ -475,9 +492,12 @@ def solve_equilibrium(
     One Newton step from ``Y`` (``F_k`` the FOC residuals, ``pi`` the agent's
     response, ``r = pi / pi0``, ``s = r / (r + J)``):
 
-        Delta = s (lambda - sum_k F_k),   lambda s.t. <pi, Delta> = 0   (aggregate)
-        delta_k = -F_k - Delta / r                                      (each principal)
-        Y_k <- normalise(Y_k + alpha delta_k),  alpha = min(1, max_log_step tau / max|Delta|)
+        Delta = clip(s (lambda - sum_k F_k), +-max_log_step tau),  lambda: <pi, Delta> = 0
+        Y_k  <- normalise(Y_k - F_k + (Delta + sum_j F_j) / J)
+              = normalise(w_k Q_k + (S + Delta - sum_j w_j Q_j) / J)
+
+    (unclipped, this is exactly Newton's step ``delta_k = -F_k - Delta / r`` up
+    to gauge constants; the clip is a per-token trust region).
 
     Args:
       base_logits: float ``[M]``, ``log pi0`` up to a constant, ``-inf`` masks.
@@ -510,31 +530,47 @@ def solve_equilibrium(
     else:
         y0 = jnp.asarray(init_incentives, dtype)
     y0 = _normalise(y0, pi0, valid)
-    f0, _, _ = _foc(y0, a, logpi0, tau, valid)
-    res0 = _residual(f0, a, tau, valid)
+    scale = _scale(a, tau, valid)
+
+    def measure(y):
+        f, logpi, x, noise = _foc(y, a, logpi0, tau, valid)
+        # the residual cannot go below the rounding noise of F: stop there too
+        return f, logpi, x, _residual(f, valid) / scale, jnp.maximum(config.tol, 4.0 * noise / scale)
+
+    _, _, _, res0, tol0 = measure(y0)
 
     def cond(state):
-        y, it, res = state
-        return (it < config.max_iters) & (res > config.tol)
+        _, it, res, tol, prev_res, clipped = state
+        # stop at tol, or at the rounding floor once full Newton steps stop gaining
+        stalled = (res <= tol) & (res > 0.5 * prev_res) & ~clipped
+        return (it < config.max_iters) & (res > config.tol) & ~stalled
 
     def body(state):
-        y, it, _ = state
-        f, logpi, x = _foc(y, a, logpi0, tau, valid)
+        y, it, res, _, _, _ = state
+        f, logpi, x, _, _ = measure(y)
         pi = jnp.where(valid, jnp.exp(logpi), 0.0)
         s = jnp.where(valid, jax.nn.sigmoid(x - log_j), 0.0)  # r / (r + J)
         sum_f = jnp.sum(f, axis=0)
-        lam = jnp.sum(pi * s * sum_f) / jnp.sum(pi * s)
-        delta = s * (lam - sum_f)  # aggregate Newton step, <pi, Delta> = 0
-        # Delta / r = (lam - sum F) / (r + J) = (lam - sum F) (1 - s) / J
-        delta_over_r = (lam - sum_f) * (1.0 - s) / num_principals
-        step = -f - delta_over_r[None, :]
-        max_dx = jnp.max(jnp.where(valid, jnp.abs(delta), 0.0)) / tau
-        alpha = jnp.minimum(1.0, config.max_log_step / jnp.maximum(max_dx, 1e-30))
-        y_next = _normalise(y + alpha * step, pi0, valid)
-        f_next, _, _ = _foc(y_next, a, logpi0, tau, valid)
-        return y_next, it + 1, _residual(f_next, a, tau, valid)
+        # s * sum F without overflow: sum F = (S - sum a) - J tau / r and
+        # s * J tau / r = tau (1 - s).
+        s_sum_f = jnp.where(valid, s * jnp.sum(y - a, axis=0) - tau * (1.0 - s), 0.0)
+        lam = jnp.sum(pi * s_sum_f) / jnp.sum(pi * s)
+        delta = s * lam - s_sum_f  # aggregate Newton step, <pi, Delta> = 0
+        # Trust region: each token's incentive log-odds S_i / tau moves by at
+        # most max_log_step (so log r_i moves by at most twice that).
+        clipped = jnp.any(jnp.abs(delta) > config.max_log_step * tau)
+        delta = jnp.clip(delta, -config.max_log_step * tau, config.max_log_step * tau)
+        # Exact Newton for the principals' differences, the (capped) aggregate
+        # step shared equally: sum_k Y_k moves by Delta.
+        # Y_k - F_k + (Delta + sum F) / J, with the tau / r terms cancelled exactly:
+        sum_y, sum_a = jnp.sum(y, axis=0), jnp.sum(a, axis=0)
+        y_next = a + ((sum_y + delta - sum_a) / num_principals)[None, :]
+        y_next = _normalise(y_next, pi0, valid)
+        _, _, _, res_next, tol_next = measure(y_next)
+        return y_next, it + 1, res_next, tol_next, res, clipped
 
-    y, iters, res = jax.lax.while_loop(cond, body, (y0, jnp.asarray(0, jnp.int32), res0))
+    init = (y0, jnp.asarray(0, jnp.int32), res0, tol0, jnp.asarray(jnp.inf, dtype), jnp.asarray(True))
+    y, iters, res, tol, _, _ = jax.lax.while_loop(cond, body, init)
     logpi = _log_policy(logpi0, jnp.sum(y, axis=0), tau, valid)
     policy = jnp.where(valid, jnp.exp(logpi), 0.0)
     finite = jnp.all(jnp.isfinite(y)) & jnp.all(jnp.isfinite(policy)) & jnp.isfinite(res)
@@ -544,7 +580,7 @@ def solve_equilibrium(
         incentives=y,
         iterations=iters,
         residual=res,
-        converged=finite & (res <= config.tol),
+        converged=finite & (res <= tol),
     )
 
 

@@ -103,14 +103,15 @@ def engine_gumbel_noise(
 # ----------------------------------------------------------------------------
 
 
-def _prepare(config, candidates, params, draws, key):
+def _prepare(config, candidates, params, draws, key, validate=True):
     """Validates and batches the inputs; returns numpy leaves ``[Q, N, K]``."""
     if not isinstance(config, GameConfig):
         raise GameInputError(f"config must be a GameConfig, got {type(config).__name__}")
     if not isinstance(candidates, CandidateSet):
         raise GameInputError(f"expected a CandidateSet, got {type(candidates).__name__}")
     candidates = CandidateSet(*(np.asarray(x) for x in candidates))
-    validate_candidates(candidates)
+    if validate:
+        validate_candidates(candidates)
     single = candidates.valid.ndim == 2
     if single:
         candidates = CandidateSet(*(x[None] for x in candidates))
@@ -441,6 +442,7 @@ def play_python(
     draws=None,
     *,
     key: Optional[jax.Array] = None,
+    validate: bool = True,
 ) -> GameResult:
     """The game as a plain Python loop (float64), one game at a time.
 
@@ -452,6 +454,7 @@ def play_python(
       draws: sampled mode only: int ``[Q, T, N]`` submitted slots per round.
       key: sampled mode only, instead of ``draws``: the engine's key; the
         draws then follow the engine's (see the module docstring).
+      validate: check the candidates on the host first (as the engine does).
 
     Returns:
       :class:`GameResult` with NumPy leaves, batched like ``candidates``.
@@ -459,7 +462,7 @@ def play_python(
     Raises:
       GameInputError: bad candidates, step size or draws.
     """
-    candidates, step, draws, noise, single = _prepare(config, candidates, params, draws, key)
+    candidates, step, draws, noise, single = _prepare(config, candidates, params, draws, key, validate)
     q = candidates.valid.shape[0]
     games = []
     for game in range(q):
@@ -568,6 +571,20 @@ def _np_hedge(cum_reward: np.ndarray, valid: np.ndarray, eta: np.ndarray) -> np.
     return weights / weights.sum(axis=-1, keepdims=True)
 
 
+def _np_first_near_argmax(values: np.ndarray, dtype) -> np.ndarray:
+    """The lowest index within ``16 eps`` of the row maximum ``[..., K] -> [...]``.
+
+    Identical slots (same utility and score) have equal policies in exact
+    arithmetic, but the batched BLAS product can round identical rows of the
+    outrank tensor differently, by an ulp, depending on the row's position;
+    an exact ``argmax`` would then break such ties arbitrarily.  The engine and
+    the Python loop break them toward the lowest index, and so does this.
+    """
+    top = values.max(axis=-1, keepdims=True)
+    near = values >= top - 16 * np.finfo(dtype).eps * np.maximum(np.abs(top), 1)
+    return np.argmax(near, axis=-1).astype(np.int32)
+
+
 def _np_masked_max(x, valid, axis=-1):
     return np.where(valid, x, -np.inf).max(axis=axis)
 
@@ -639,6 +656,7 @@ def play_numpy(
     draws=None,
     *,
     key: Optional[jax.Array] = None,
+    validate: bool = True,
     dtype=np.float64,
 ) -> GameResult:
     """The game vectorized in NumPy over the batch (a loop over rounds only).
@@ -648,7 +666,7 @@ def play_numpy(
     is what the benchmark uses; ``np.float64`` is the default for tests).
     Memory: the outrank tensor ``[Q, N*K, N*K]`` dominates.
     """
-    candidates, step, draws, noise, single = _prepare(config, candidates, params, draws, key)
+    candidates, step, draws, noise, single = _prepare(config, candidates, params, draws, key, validate)
     dtype = np.dtype(dtype).type
     q, n, k = candidates.valid.shape
     valid = candidates.valid.astype(bool)
@@ -710,7 +728,7 @@ def play_numpy(
 
     played = np.maximum(rounds, 1).astype(dtype)
     average = sum_policy / played[:, None, None]
-    submission = np.argmax(np.where(valid, average, -1), axis=-1).astype(np.int32)
+    submission = _np_first_near_argmax(np.where(valid, average, -1), dtype)
     submitted_scores = np.take_along_axis(s, submission[..., None], -1)[..., 0]
     chosen = np.argmax(submitted_scores, axis=-1).astype(np.int32)
     slot = submission[games, chosen]

@@ -175,12 +175,28 @@ def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x.dtype)
 
 
+def _param(rngs, shape: tuple[int, ...], dtype, kind: str) -> nnx.Param:
+    """A parameter: ``normal(0, 0.02)`` weights, zero biases, unit norm scales.
+
+    With ``rngs=None`` the value is a ``jax.ShapeDtypeStruct`` placeholder: the
+    weight loaders build the module this way (no random init, no tracing) and then
+    fill every parameter with real values.
+    """
+    if rngs is None:
+        return nnx.Param(jax.ShapeDtypeStruct(shape, dtype))
+    if kind == "normal":
+        return nnx.Param(0.02 * jax.random.normal(rngs.params(), shape, dtype))
+    if kind == "zeros":
+        return nnx.Param(jnp.zeros(shape, dtype))
+    return nnx.Param(jnp.ones(shape, dtype))
+
+
 class RMSNorm(nnx.Module):
     """``y = scale * (x / sqrt(mean(x^2) + eps))``, normalised in float32 (as in Hugging Face Llama)."""
 
-    def __init__(self, dim: int, eps: float, dtype):
+    def __init__(self, dim: int, eps: float, dtype, rngs):
         self.eps = eps
-        self.scale = nnx.Param(jnp.ones((dim,), dtype))
+        self.scale = _param(rngs, (dim,), dtype, "ones")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
@@ -188,18 +204,38 @@ class RMSNorm(nnx.Module):
         return self.scale[...] * normed.astype(x.dtype)
 
 
-def _linear(cfg: ModelConfig, din: int, dout: int, bias: bool, rngs: nnx.Rngs) -> nnx.Linear:
-    dtype = cfg.jnp_dtype
-    return nnx.Linear(
-        din, dout, use_bias=bias, dtype=dtype, param_dtype=dtype,
-        kernel_init=nnx.initializers.normal(0.02), rngs=rngs,
-    )
+class Linear(nnx.Module):
+    """``y = x @ kernel (+ bias)`` with ``kernel [in, out]`` (the transpose of torch's ``weight``)."""
+
+    def __init__(self, din: int, dout: int, bias: bool, dtype, rngs):
+        self.kernel = _param(rngs, (din, dout), dtype, "normal")
+        self.bias = _param(rngs, (dout,), dtype, "zeros") if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = jnp.dot(x, self.kernel[...])
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class Embed(nnx.Module):
+    """Token embedding table ``embedding [V, D]``."""
+
+    def __init__(self, vocab: int, dim: int, dtype, rngs):
+        self.embedding = _param(rngs, (vocab, dim), dtype, "normal")
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], tokens, axis=0)
+
+
+def _linear(cfg: ModelConfig, din: int, dout: int, bias: bool, rngs) -> Linear:
+    return Linear(din, dout, bias, cfg.jnp_dtype, rngs)
 
 
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE and an optional static KV cache."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None):
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
@@ -254,7 +290,7 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None):
         self.gate_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, False, rngs)
         self.up_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, False, rngs)
         self.down_proj = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, False, rngs)
@@ -266,10 +302,10 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm block: ``h += attn(norm(h)); h += mlp(norm(h))``."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None):
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype, rngs)
         self.self_attn = Attention(cfg, rngs=rngs)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_dtype, rngs)
         self.mlp = MLP(cfg, rngs=rngs)
 
     def __call__(self, h, cos, sin, mask, cache, layer_index, cache_index):
@@ -284,21 +320,21 @@ class DecoderLayer(nnx.Module):
 class Transformer(nnx.Module):
     """Llama / Qwen2 decoder.
 
+    ``rngs``: random ``normal(0, 0.02)`` init; ``rngs=None`` builds shape-only
+    placeholders (``jax.ShapeDtypeStruct``) for the weight loaders to fill.
+
     Parameter layout (kernels are ``[in, out]``, i.e. the transpose of torch's ``weight``):
     ``embed_tokens.embedding [V, D]``, ``layers[i].self_attn.{q,k,v,o}_proj.{kernel,bias}``,
     ``layers[i].mlp.{gate,up,down}_proj.kernel``, ``layers[i].{input,post_attention}_layernorm.scale``,
     ``norm.scale``, and ``lm_head.kernel [D, V]`` when embeddings are untied.
     """
 
-    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None):
         self.config = config
         dtype = config.jnp_dtype
-        self.embed_tokens = nnx.Embed(
-            config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype,
-            embedding_init=nnx.initializers.normal(0.02), rngs=rngs,
-        )
+        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype, rngs)
         self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, rngs)
         if not config.tie_word_embeddings:
             self.lm_head = _linear(config, config.hidden_size, config.vocab_size, False, rngs)
         else:

@@ -106,8 +106,7 @@ def _flat_path(path: tuple) -> str:
 
 
 def _abstract_model(config: ModelConfig):
-    abstract = nnx.eval_shape(lambda: Transformer(config, rngs=nnx.Rngs(0)))
-    return nnx.split(abstract)
+    return nnx.split(Transformer(config, rngs=None))
 
 
 def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -192,6 +191,11 @@ def _meta(reader, key: str, path, default=None, required: bool = True):
         raise WeightsError(f"{path}: GGUF metadata field {key!r} is unreadable: {err}") from err
 
 
+def _f32_decimal(value) -> float:
+    """The shortest decimal that rounds to the stored float32 (GGUF stores 1e-5 as 9.99999974e-06)."""
+    return float(str(np.float32(value)))
+
+
 def config_from_gguf(reader, path, dtype: str = "float32") -> ModelConfig:
     """:class:`ModelConfig` from GGUF metadata (``{arch}.*`` keys) and tensor shapes.
 
@@ -230,8 +234,8 @@ def config_from_gguf(reader, path, dtype: str = "float32") -> ModelConfig:
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
-            rope_theta=float(_meta(reader, f"{arch}.rope.freq_base", path, default=10000.0, required=False)),
-            rms_norm_eps=float(_meta(reader, f"{arch}.attention.layer_norm_rms_epsilon", path)),
+            rope_theta=_f32_decimal(_meta(reader, f"{arch}.rope.freq_base", path, default=10000.0, required=False)),
+            rms_norm_eps=_f32_decimal(_meta(reader, f"{arch}.attention.layer_norm_rms_epsilon", path)),
             max_position_embeddings=int(_meta(reader, f"{arch}.context_length", path)),
             tie_word_embeddings="output.weight" not in tensors,
             attention_bias="blk.0.attn_q.bias" in tensors,

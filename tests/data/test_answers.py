@@ -35,6 +35,7 @@ EXTRACTION_CASES = [
     ("First I thought the answer is 40. No wait, the answer is 41.", "41"),  # last phrase wins
     ("The final answer is: $\\frac{3}{4}$.", "\\frac{3}{4}"),
     ("**Answer: 12**", "12"),
+    ("Final Answer: The final answer is $18$. I hope it is correct.", "18"),  # Minerva format
     ("Answer: 50%", "50"),
     ("The answer is $18.00.", "18"),
     ("She makes $18.00 every day.", "18"),
@@ -321,3 +322,56 @@ def test_plain_numbers_never_reach_math_verify(monkeypatch):
     assert answers_equal("\\frac{7}{123457}", "7/123457")
     assert not answers_equal("123458", "123459")
     np.testing.assert_array_equal(canonicalize(["654321", "654,321.0", "-654321", None]), [0, 0, 1, -1])
+
+
+def test_probe_point_filter_rules_out_unequal_expressions_without_math_verify(monkeypatch):
+    def forbidden(*args):
+        raise AssertionError("math-verify called on a pair the probe points separate")
+
+    # Warm the parses first (parsing is allowed; only verify() is forbidden below).
+    for key in ("2k+3", "2k+5", "(7, \\frac{\\pi}{3})", "(7, \\frac{\\pi}{4})", "\\sqrt{7}", "a^2 b"):
+        answers._numeric_fingerprint(key)
+    monkeypatch.setattr(answers, "_math_verify_equal", forbidden)
+    assert not answers_equal("2k+3", "2k+5")
+    assert not answers_equal("(7, \\frac{\\pi}{3})", "(7, \\frac{\\pi}{4})")
+    assert not answers_equal("\\sqrt{7}", "2.64")
+    assert not answers_equal("a^2 b", "2k+3")
+
+
+@pytest.mark.parametrize(
+    ("a", "b"),
+    [
+        ("\\sin^2 x + \\cos^2 x", "1"),  # an identity: same values at every probe point
+        ("(m-1)(m+1)", "m^2 - 1"),
+        ("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt{2}}"),
+        ("(2, \\sqrt{9})", "(2, 3)"),
+    ],
+)
+def test_probe_point_filter_keeps_identities(a, b):
+    assert not answers._fingerprints_differ(normalize_answer(a), normalize_answer(b))
+    assert answers_equal(a, b)
+
+
+@needs_data
+def test_canonicalize_matches_a_math_verify_only_reference_on_math500():
+    """Same classes as greedy classing with math-verify alone (no fast paths, no filter)."""
+    import math_verify
+
+    records = [json.loads(line) for line in (DATA_DIR / "math500" / "test.jsonl").read_text().splitlines()]
+    golds = [records[i]["answer"] for i in (0, 1, 2, 3, 12, 13, 16, 17, 26, 59)]
+    pool = golds + [f"\\boxed{{{gold}}}" for gold in golds[:5]] + ["3.0", "\\frac{42}{14}", None]
+    values = [pool[i] for i in np.random.default_rng(1).permutation(len(pool))]
+    parsed = {v: math_verify.parse(f"${normalize_answer(v)}$") for v in values if v is not None}
+    reference, representatives = [], []
+    for value in values:
+        if value is None:
+            reference.append(-1)
+            continue
+        for class_id, rep in enumerate(representatives):
+            if math_verify.verify(parsed[rep], parsed[value]) or math_verify.verify(parsed[value], parsed[rep]):
+                reference.append(class_id)
+                break
+        else:
+            representatives.append(value)
+            reference.append(len(representatives) - 1)
+    np.testing.assert_array_equal(canonicalize(values), reference)

@@ -11,36 +11,15 @@ from flax import nnx
 
 from align_jax.llm.model import KVCache, ModelConfig, Transformer, forward, init_cache
 
-from .conftest import make_tiny_config, make_tiny_tokenizer
+from .conftest import make_tiny_config, make_tiny_tokenizer, make_torch_tiny_model, run_model
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 
-def _torch_tiny_model(arch: str, seed: int, **overrides):
-    """A tiny random transformers model with weights large enough to make logits vary."""
-    torch.manual_seed(seed)
-    common = dict(
-        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-    )
-    common.update(overrides)
-    if arch == "llama":
-        cfg = transformers.LlamaConfig(head_dim=8, rope_theta=5000.0, rms_norm_eps=1e-5,
-                                       tie_word_embeddings=False, **common)
-        model = transformers.LlamaForCausalLM(cfg)
-    else:
-        cfg = transformers.Qwen2Config(rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=True, **common)
-        model = transformers.Qwen2ForCausalLM(cfg)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("norm.weight"):
-                param.copy_(1.0 + 0.2 * torch.randn_like(param))
-            elif name.endswith("bias"):
-                param.copy_(0.5 * torch.randn_like(param))
-            else:
-                param.copy_(0.25 * torch.randn_like(param))
-    return model.eval()
+# Shapes shared by the tests below so each (config, shape) compiles once per session:
+# batch 2; full passes of 12 tokens; cache of 32 slots; prefill 6, then 1-token steps.
+BATCH, FULL_LEN, CACHE_LEN, PREFILL = 2, 12, 32, 6
 
 
 def _save_hf(model, directory):
@@ -49,31 +28,32 @@ def _save_hf(model, directory):
     return directory
 
 
-@pytest.fixture(params=["llama", "qwen2"])
-def torch_and_ours(request, tmp_path):
+@pytest.fixture(scope="module", params=["llama", "qwen2"])
+def torch_and_ours(request, tmp_path_factory):
     """(torch model, our LoadedModel) sharing weights through the HF safetensors path."""
     from align_jax.llm.weights import load_pretrained
 
-    model = _torch_tiny_model(request.param, seed=7)
-    loaded = load_pretrained(str(_save_hf(model, tmp_path / request.param)))
+    model = make_torch_tiny_model(request.param, seed=7)
+    loaded = load_pretrained(str(_save_hf(model, tmp_path_factory.mktemp(request.param))))
+    assert loaded.config == make_tiny_config(request.param)
     return model, loaded
 
 
 def test_logits_match_transformers(torch_and_ours):
     torch_model, loaded = torch_and_ours
     rng = np.random.default_rng(0)
-    tokens = rng.integers(0, 96, size=(3, 17))
+    tokens = rng.integers(0, 96, size=(BATCH, FULL_LEN))
     with torch.no_grad():
         ref = torch_model(torch.tensor(tokens)).logits.numpy()
-    positions = np.broadcast_to(np.arange(17), (3, 17))
-    ours, cache = loaded.model(jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32))
+    positions = np.broadcast_to(np.arange(FULL_LEN), (BATCH, FULL_LEN))
+    ours, cache = run_model(loaded.model, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32))
     assert cache is None
-    assert ours.dtype == jnp.float32 and ours.shape == (3, 17, 96)
+    assert ours.dtype == jnp.float32 and ours.shape == (BATCH, FULL_LEN, 96)
     # The weights make logits spread out, so agreement is not trivially near-uniform.
     assert ref.std() > 1.0
     np.testing.assert_array_less(np.abs(np.asarray(ours) - ref).max(), 1e-3)
     # Tied embeddings (qwen2 fixture) vs untied (llama fixture) were read correctly.
-    assert loaded.config.tie_word_embeddings == (loaded.config.arch == "qwen2")
+    assert (loaded.model.lm_head is None) == (loaded.config.arch == "qwen2")
     assert loaded.config.attention_bias == (loaded.config.arch == "qwen2")
 
 
@@ -81,9 +61,9 @@ def test_left_padded_batch_matches_transformers(torch_and_ours):
     """Left padding with kv_mask + per-row positions equals transformers with attention_mask/position_ids."""
     torch_model, loaded = torch_and_ours
     rng = np.random.default_rng(1)
-    length, pad = 12, 5
-    tokens = rng.integers(0, 96, size=(2, length))
-    mask = np.ones((2, length), bool)
+    pad = 5
+    tokens = rng.integers(0, 96, size=(BATCH, FULL_LEN))
+    mask = np.ones((BATCH, FULL_LEN), bool)
     mask[1, :pad] = False
     positions = np.maximum(np.cumsum(mask, axis=1) - 1, 0)
     with torch.no_grad():
@@ -91,81 +71,87 @@ def test_left_padded_batch_matches_transformers(torch_and_ours):
             torch.tensor(tokens), attention_mask=torch.tensor(mask.astype(np.int64)),
             position_ids=torch.tensor(positions),
         ).logits.numpy()
-    ours, _ = loaded.model(jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32), kv_mask=jnp.asarray(mask))
+    ours, _ = run_model(loaded.model, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),
+                        kv_mask=jnp.asarray(mask))
     ours = np.asarray(ours)
     assert np.isfinite(ours).all()  # padding queries see no key: must not become NaN
     np.testing.assert_array_less(np.abs(ours[0] - ref[0]).max(), 1e-3)
     np.testing.assert_array_less(np.abs(ours[1, pad:] - ref[1, pad:]).max(), 1e-3)
-    # The padded row's real tokens equal the same tokens run alone.
-    alone, _ = loaded.model(jnp.asarray(tokens[1:, pad:], jnp.int32), jnp.arange(length - pad)[None])
-    np.testing.assert_allclose(ours[1, pad:], np.asarray(alone)[0], atol=1e-4)
+    # The padded row's real tokens equal the same tokens run unpadded (right-filled with junk,
+    # which causal attention never lets earlier tokens see).
+    unpadded = np.concatenate([tokens[1, pad:], rng.integers(0, 96, size=pad)])[None].repeat(BATCH, 0)
+    alone, _ = run_model(loaded.model, jnp.asarray(unpadded, jnp.int32),
+                         jnp.broadcast_to(jnp.arange(FULL_LEN), (BATCH, FULL_LEN)))
+    np.testing.assert_allclose(ours[1, pad:], np.asarray(alone)[0, : FULL_LEN - pad], atol=1e-4)
 
 
 def test_cached_greedy_matches_transformers_generate(torch_and_ours):
     """Greedy decoding with our KV cache reproduces transformers' generate token for token."""
     torch_model, loaded = torch_and_ours
-    prompt = np.array([[5, 17, 42, 8, 77, 3]])
+    prompts = np.array([[5, 17, 42, 8, 77, 3], [60, 2, 2, 91, 14, 33]])
     new = 20
     with torch.no_grad():
-        ref = torch_model.generate(torch.tensor(prompt), max_new_tokens=new, do_sample=False,
-                                   pad_token_id=0, eos_token_id=None)[0, prompt.shape[1]:].numpy()
-    cache = init_cache(loaded.config, 1, 32)
-    kv_mask = jnp.zeros((1, 32), bool).at[:, : prompt.shape[1]].set(True)
-    logits, cache = loaded.model(jnp.asarray(prompt, jnp.int32), jnp.arange(prompt.shape[1])[None], cache, 0, kv_mask)
+        ref = torch_model.generate(torch.tensor(prompts), max_new_tokens=new, do_sample=False,
+                                   pad_token_id=0, eos_token_id=None)[:, PREFILL:].numpy()
+    cache = init_cache(loaded.config, BATCH, CACHE_LEN)
+    kv_mask = jnp.zeros((BATCH, CACHE_LEN), bool).at[:, :PREFILL].set(True)
+    positions = jnp.broadcast_to(jnp.arange(PREFILL), (BATCH, PREFILL))
+    logits, cache = run_model(loaded.model, jnp.asarray(prompts, jnp.int32), positions, cache, 0, kv_mask)
     out = []
-    token = int(jnp.argmax(logits[0, -1]))
+    token = jnp.argmax(logits[:, -1], axis=-1)
     for step in range(new):
-        out.append(token)
-        index = prompt.shape[1] + step
+        out.append(np.asarray(token))
+        index = PREFILL + step
         kv_mask = kv_mask.at[:, index].set(True)
-        logits, cache = loaded.model(jnp.array([[token]], jnp.int32), jnp.array([[index]]), cache, index, kv_mask)
-        token = int(jnp.argmax(logits[0, -1]))
-    np.testing.assert_array_equal(np.array(out), ref)
+        logits, cache = run_model(loaded.model, token[:, None].astype(jnp.int32),
+                                  jnp.full((BATCH, 1), index), cache, index, kv_mask)
+        token = jnp.argmax(logits[:, -1], axis=-1)
+    np.testing.assert_array_equal(np.stack(out, axis=1), ref)
 
 
 @pytest.mark.parametrize("arch", ["llama", "qwen2"])
 def test_incremental_decode_equals_full_recompute(arch):
+    """Prefill, a 3-token chunk at a traced offset, then single tokens == one full pass."""
     config = make_tiny_config(arch)
     model = Transformer(config, rngs=nnx.Rngs(3))
-    graphdef, state = nnx.split(model)
-    step = jax.jit(forward)
-    tokens = jax.random.randint(jax.random.key(0), (2, 11), 0, config.vocab_size)
-    positions = jnp.broadcast_to(jnp.arange(11), (2, 11))
-    full, _ = step(graphdef, state, tokens, positions, None, 0, None)
-    cache = init_cache(config, 2, 16)
-    kv_mask = jnp.zeros((2, 16), bool).at[:, :4].set(True)
-    chunks, = [[]]
-    logits, cache = step(graphdef, state, tokens[:, :4], positions[:, :4], cache, 0, kv_mask)
+    tokens = jax.random.randint(jax.random.key(0), (BATCH, FULL_LEN), 0, config.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(FULL_LEN), (BATCH, FULL_LEN))
+    full, _ = run_model(model, tokens, positions)
+    cache = init_cache(config, BATCH, CACHE_LEN)
+    kv_mask = jnp.zeros((BATCH, CACHE_LEN), bool).at[:, :PREFILL].set(True)
+    logits, cache = run_model(model, tokens[:, :PREFILL], positions[:, :PREFILL], cache, 0, kv_mask)
+    chunks = [logits]
+    kv_mask = kv_mask.at[:, PREFILL:PREFILL + 3].set(True)
+    logits, cache = run_model(model, tokens[:, PREFILL:PREFILL + 3], positions[:, PREFILL:PREFILL + 3],
+                              cache, jnp.int32(PREFILL), kv_mask)
     chunks.append(logits)
-    # then one chunk of 3 tokens and single tokens, cache_index traced
-    kv_mask = kv_mask.at[:, 4:7].set(True)
-    logits, cache = step(graphdef, state, tokens[:, 4:7], positions[:, 4:7], cache, jnp.int32(4), kv_mask)
-    chunks.append(logits)
-    for t in range(7, 11):
+    for t in range(PREFILL + 3, FULL_LEN):
         kv_mask = kv_mask.at[:, t].set(True)
-        logits, cache = step(graphdef, state, tokens[:, t:t + 1], positions[:, t:t + 1], cache, jnp.int32(t), kv_mask)
+        logits, cache = run_model(model, tokens[:, t:t + 1], positions[:, t:t + 1], cache, jnp.int32(t), kv_mask)
         chunks.append(logits)
     np.testing.assert_allclose(np.concatenate(chunks, axis=1), np.asarray(full), atol=2e-5)
     assert isinstance(cache, KVCache)
-    assert cache.k.shape == (config.num_layers, 2, 16, config.num_kv_heads, config.head_dim)
+    assert cache.k.shape == (config.num_layers, BATCH, CACHE_LEN, config.num_kv_heads, config.head_dim)
     # slots past the written region are untouched zeros
-    assert float(jnp.abs(cache.k[:, :, 11:]).max()) == 0.0
+    assert float(jnp.abs(cache.k[:, :, FULL_LEN:]).max()) == 0.0
+    assert float(jnp.abs(cache.k[:, :, FULL_LEN - 1]).max()) > 0
 
 
 def test_cache_respects_kv_mask_and_future_slots():
     """A query never sees masked slots nor slots after its own position, even when they hold data."""
     config = make_tiny_config("llama")
     model = Transformer(config, rngs=nnx.Rngs(4))
-    tokens = jnp.array([[11, 12, 13, 14, 15, 16]], jnp.int32)
-    positions = jnp.arange(6)[None]
-    cache = init_cache(config, 1, 8)
-    # Fill all 6 slots, then re-run token 2 at index 2 with the cache: it must not see slots 3..5.
-    _, cache = model(tokens, positions, cache, 0, jnp.ones((1, 8), bool))
-    logits_at_2, _ = model(tokens[:, 2:3], positions[:, 2:3], cache, 2, jnp.ones((1, 8), bool))
-    full, _ = model(tokens[:, :3], positions[:, :3])
-    np.testing.assert_allclose(np.asarray(logits_at_2)[0, 0], np.asarray(full)[0, 2], atol=2e-5)
+    tokens = jax.random.randint(jax.random.key(5), (BATCH, FULL_LEN), 0, config.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(FULL_LEN), (BATCH, FULL_LEN))
+    all_slots = jnp.ones((BATCH, CACHE_LEN), bool)
+    cache = init_cache(config, BATCH, CACHE_LEN)
+    # Fill slots 0..5, then re-run token 2 at index 2: it must not see slots 3..5.
+    _, cache = run_model(model, tokens[:, :PREFILL], positions[:, :PREFILL], cache, 0, all_slots)
+    logits_at_2, _ = run_model(model, tokens[:, 2:3], positions[:, 2:3], cache, 2, all_slots)
+    full, _ = run_model(model, tokens, positions)
+    np.testing.assert_allclose(np.asarray(logits_at_2)[:, 0], np.asarray(full)[:, 2], atol=2e-5)
     # Masking slot 0 changes the result (the mask is honoured).
-    masked, _ = model(tokens[:, 2:3], positions[:, 2:3], cache, 2, jnp.ones((1, 8), bool).at[0, 0].set(False))
+    masked, _ = run_model(model, tokens[:, 2:3], positions[:, 2:3], cache, 2, all_slots.at[:, 0].set(False))
     assert np.abs(np.asarray(masked) - np.asarray(logits_at_2)).max() > 1e-3
 
 
@@ -175,13 +161,13 @@ def test_bfloat16_close_to_float32():
     state = nnx.state(model32)
     model16 = Transformer(config.replace(dtype="bfloat16"), rngs=nnx.Rngs(5))
     nnx.update(model16, jax.tree.map(lambda x: x.astype(jnp.bfloat16), state))
-    tokens = jax.random.randint(jax.random.key(1), (2, 9), 0, config.vocab_size)
-    positions = jnp.broadcast_to(jnp.arange(9), (2, 9))
-    l32, _ = model32(tokens, positions)
-    l16, _ = model16(tokens, positions)
+    tokens = jax.random.randint(jax.random.key(1), (BATCH, FULL_LEN), 0, config.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(FULL_LEN), (BATCH, FULL_LEN))
+    l32, _ = run_model(model32, tokens, positions)
+    l16, _ = run_model(model16, tokens, positions)
     assert l16.dtype == jnp.float32
     assert model16.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
-    cache = init_cache(model16.config, 2, 9)
+    cache = init_cache(model16.config, BATCH, CACHE_LEN)
     assert cache.k.dtype == jnp.bfloat16
     scale = float(jnp.abs(l32).max())
     assert float(jnp.abs(l16 - l32).max()) < 0.05 * scale
@@ -216,8 +202,10 @@ def test_forward_jit_does_not_retrace_for_new_weights_or_cache_index():
     ],
 )
 def test_config_validation_names_field(field, value, match):
+    fields = make_tiny_config("llama").to_dict()
+    fields[field] = value
     with pytest.raises(ValueError, match=match):
-        make_tiny_config("llama", **{field: value})
+        ModelConfig(**fields)
 
 
 def test_config_roundtrip_and_hashable():

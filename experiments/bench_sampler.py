@@ -1,0 +1,272 @@
+"""Sampler throughput: our jitted JAX sampler vs transformers' PyTorch ``generate``, same machine, one run.
+
+For each batch size B, the first B GSM8K test questions go through the model's chat
+template; both implementations decode greedily exactly ``--new-tokens`` tokens per row
+(EOS ignored: ours ``ignore_eos=True``, torch ``min_new_tokens``) from the same token ids
+and the same (dequantised, float32) weights, copied into a ``transformers`` model.
+
+Reported per B:
+  * prefill tok/s: real prompt tokens / time of the prompt pass (ours: the jitted prefill;
+    torch: one forward with ``use_cache=True, logits_to_keep=1``);
+  * decode tok/s: B * new tokens / decode time (ours: the jitted decode loop; torch:
+    ``generate`` wall time minus its prefill);
+  * end-to-end tok/s: B * new tokens / (prefill + decode), and the ratio ours / torch;
+  * compile time of our prefill and decode (first call minus a timed steady call);
+  * peak RSS of the process (``ru_maxrss``) after our runs and after torch's.
+
+Usage::
+
+    python experiments/bench_sampler.py                               # qwen2.5-coder-0.5b, B = 1, 8, 32
+    python experiments/bench_sampler.py --model smollm2-135m --batches 1,8 --new-tokens 64
+    python experiments/bench_sampler.py --skip-torch --out /tmp/bench.json
+
+The machine is shared: the script prints the 1-minute load average before and after each
+measurement so disturbed figures can be recognised and re-run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import sys
+import time
+
+import jax
+import numpy as np
+
+from align_jax.llm.sampler import Sampler, enable_compilation_cache
+
+PROMPT_TEMPLATE = "Solve the following math problem step by step. End with 'The answer is N.'\n\n{question}"
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def load_questions(data_dir: str, count: int) -> list[str]:
+    path = os.path.join(data_dir, "gsm8k", "test.jsonl")
+    questions = []
+    with open(path) as fh:
+        for line_no, line in enumerate(fh, 1):
+            if len(questions) == count:
+                break
+            try:
+                questions.append(json.loads(line)["question"])
+            except (json.JSONDecodeError, KeyError) as err:
+                raise SystemExit(f"{path}:{line_no}: bad GSM8K record ({err})")
+    if len(questions) < count:
+        raise SystemExit(f"{path}: only {len(questions)} questions, need {count}")
+    return questions
+
+
+def torch_model_from_ours(loaded):
+    """A transformers ``*ForCausalLM`` holding exactly our (float32) weights."""
+    import torch
+    import transformers
+    from flax import nnx
+
+    cfg = loaded.config
+    common = dict(
+        vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.intermediate_size,
+        num_hidden_layers=cfg.num_layers, num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads, max_position_embeddings=cfg.max_position_embeddings,
+        rope_theta=cfg.rope_theta, rms_norm_eps=cfg.rms_norm_eps, tie_word_embeddings=cfg.tie_word_embeddings,
+    )
+    if cfg.arch == "llama":
+        hf_cfg = transformers.LlamaConfig(head_dim=cfg.head_dim, **common)
+        cls = transformers.LlamaForCausalLM
+    else:
+        hf_cfg = transformers.Qwen2Config(**common)
+        cls = transformers.Qwen2ForCausalLM
+    model = cls(hf_cfg)
+    state = nnx.to_pure_dict(nnx.state(loaded.model, nnx.Param))
+    sd = {"model.embed_tokens.weight": state["embed_tokens"]["embedding"], "model.norm.weight": state["norm"]["scale"]}
+    for i in range(cfg.num_layers):
+        layer = state["layers"][i]
+        pre = f"model.layers.{i}."
+        for proj in ("q_proj", "k_proj", "v_proj", "o_proj"):
+            sd[pre + f"self_attn.{proj}.weight"] = np.asarray(layer["self_attn"][proj]["kernel"]).T
+            if "bias" in layer["self_attn"][proj]:
+                sd[pre + f"self_attn.{proj}.bias"] = layer["self_attn"][proj]["bias"]
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            sd[pre + f"mlp.{proj}.weight"] = np.asarray(layer["mlp"][proj]["kernel"]).T
+        sd[pre + "input_layernorm.weight"] = layer["input_layernorm"]["scale"]
+        sd[pre + "post_attention_layernorm.weight"] = layer["post_attention_layernorm"]["scale"]
+    if not cfg.tie_word_embeddings:
+        sd["lm_head.weight"] = np.asarray(state["lm_head"]["kernel"]).T
+    sd = {k: torch.from_numpy(np.ascontiguousarray(np.asarray(v, np.float32))) for k, v in sd.items()}
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
+    if missing or unexpected:
+        raise RuntimeError(f"weight copy to torch failed: missing {missing}, unexpected {unexpected}")
+    if cfg.tie_word_embeddings:
+        model.tie_weights()
+    return model.eval().float()
+
+
+def bench_ours(sampler: Sampler, prompt_ids, new_tokens: int, reps: int) -> dict:
+    batch = sampler.prepare(prompt_ids, max_new_tokens=new_tokens, temperature=0.0)
+    spec = sampler.make_spec(batch, ignore_eos=True)
+    key = jax.random.key(0)
+
+    def run():
+        t0 = time.perf_counter()
+        cache, logits = sampler.prefill(batch)
+        jax.block_until_ready(logits)
+        t1 = time.perf_counter()
+        result = sampler.decode(batch, cache, logits, key, spec=spec)
+        jax.block_until_ready(result.tokens)
+        t2 = time.perf_counter()
+        return t1 - t0, t2 - t1, result
+
+    first_prefill, first_decode, _ = run()
+    prefill_s, decode_s = [], []
+    for _ in range(reps):
+        p, d, result = run()
+        prefill_s.append(p)
+        decode_s.append(d)
+    lengths = np.asarray(result.lengths)
+    assert np.all(lengths == new_tokens), lengths
+    p, d = min(prefill_s), min(decode_s)
+    b = len(prompt_ids)
+    return dict(
+        prefill_s=p, decode_s=d, prompt_bucket=int(batch.tokens.shape[1]),
+        compile_prefill_s=max(first_prefill - p, 0.0), compile_decode_s=max(first_decode - d, 0.0),
+        prefill_tok_s=float(batch.prompt_lengths.sum()) / p, decode_tok_s=b * new_tokens / d,
+        e2e_tok_s=b * new_tokens / (p + d), tokens=np.asarray(result.tokens),
+    )
+
+
+def bench_torch(model, pad_id: int, prompt_ids, new_tokens: int, reps: int) -> dict:
+    import torch
+
+    b = len(prompt_ids)
+    width = max(len(p) for p in prompt_ids)
+    ids = torch.full((b, width), pad_id, dtype=torch.long)
+    mask = torch.zeros((b, width), dtype=torch.long)
+    for i, p in enumerate(prompt_ids):
+        ids[i, width - len(p):] = torch.tensor(p)
+        mask[i, width - len(p):] = 1
+    kw = dict(attention_mask=mask, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+              pad_token_id=pad_id, eos_token_id=None, temperature=None, top_p=None, top_k=None)
+    prefill_s, gen_s = [], []
+    with torch.inference_mode():
+        model.generate(ids, **{**kw, "max_new_tokens": 2, "min_new_tokens": 2})  # warm-up
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            model(input_ids=ids, attention_mask=mask, use_cache=True, logits_to_keep=1)
+            t1 = time.perf_counter()
+            out = model.generate(ids, **kw)
+            t2 = time.perf_counter()
+            prefill_s.append(t1 - t0)
+            gen_s.append(t2 - t1)
+    assert out.shape[1] == width + new_tokens, out.shape
+    p, g = min(prefill_s), min(gen_s)
+    d = max(g - p, 1e-9)
+    return dict(
+        prefill_s=p, decode_s=d, generate_s=g, prefill_tok_s=float(mask.sum()) / p,
+        decode_tok_s=b * new_tokens / d, e2e_tok_s=b * new_tokens / g,
+        tokens=out[:, width:].numpy(),
+    )
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b", help="short name, .gguf file or model dir")
+    parser.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
+    parser.add_argument("--new-tokens", type=int, default=128)
+    parser.add_argument("--reps", type=int, default=1, help="timed repetitions after the compile call (min taken)")
+    parser.add_argument("--data-dir", default=os.environ.get("ALIGN_JAX_DATA", "/work/shared/data"))
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="our dtype (torch: float32)")
+    parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--out", default=None, help="write the table as JSON here")
+    args = parser.parse_args(argv)
+    batches = [int(b) for b in args.batches.split(",") if b]
+    if not batches or min(batches) < 1 or args.new_tokens < 1:
+        parser.error("--batches needs positive ints and --new-tokens must be >= 1")
+
+    enable_compilation_cache()
+    from align_jax.llm.weights import load_pretrained
+
+    header = dict(
+        jax=jax.__version__, device=str(jax.devices()[0]), backend=jax.default_backend(),
+        cpu_count=os.cpu_count(), platform=platform.platform(), python=sys.version.split()[0],
+        model=args.model, dtype=args.dtype, new_tokens=args.new_tokens, reps=args.reps,
+    )
+    t0 = time.perf_counter()
+    loaded = load_pretrained(args.model, dtype=args.dtype)
+    header["load_s"] = time.perf_counter() - t0
+    tok = loaded.tokenizer
+    questions = load_questions(args.data_dir, max(batches))
+    prompt_ids = [
+        tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT_TEMPLATE.format(question=q)}]))
+        for q in questions
+    ]
+    print(f"jax {jax.__version__} on {header['device']} ({header['cpu_count']} CPUs); model {args.model} "
+          f"({args.dtype}, loaded in {header['load_s']:.1f}s); load avg {os.getloadavg()[0]:.2f}", flush=True)
+
+    sampler = Sampler(loaded)
+    rows = []
+    for b in batches:
+        load_before = os.getloadavg()[0]
+        ours = bench_ours(sampler, prompt_ids[:b], args.new_tokens, args.reps)
+        row = dict(batch=b, prompt_tokens=int(sum(len(p) for p in prompt_ids[:b])),
+                   load_avg_before=load_before, load_avg_after=os.getloadavg()[0],
+                   ours={k: v for k, v in ours.items() if k != "tokens"})
+        print(f"B={b:>3} ours : prefill {ours['prefill_tok_s']:8.1f} tok/s  decode {ours['decode_tok_s']:7.1f} tok/s  "
+              f"e2e {ours['e2e_tok_s']:7.1f} tok/s  compile prefill {ours['compile_prefill_s']:.1f}s "
+              f"decode {ours['compile_decode_s']:.1f}s  (load {load_before:.1f}->{row['load_avg_after']:.1f})", flush=True)
+        rows.append((row, ours["tokens"]))
+    header["peak_rss_mb_after_ours"] = peak_rss_mb()
+
+    if not args.skip_torch:
+        import torch
+        import transformers
+
+        header["torch"] = torch.__version__
+        header["transformers"] = transformers.__version__
+        header["torch_threads"] = torch.get_num_threads()
+        tmodel = torch_model_from_ours(loaded) if args.dtype == "float32" else torch_model_from_ours(
+            load_pretrained(args.model, dtype="float32"))
+        for row, our_tokens in rows:
+            b = row["batch"]
+            load_before = os.getloadavg()[0]
+            ref = bench_torch(tmodel, tok.pad_token_id, prompt_ids[:b], args.new_tokens, args.reps)
+            agree = float(np.mean(ref["tokens"] == our_tokens.reshape(b, -1)))
+            row["torch"] = {k: v for k, v in ref.items() if k != "tokens"}
+            row["torch_load_avg"] = [load_before, os.getloadavg()[0]]
+            row["greedy_token_agreement"] = agree
+            row["ratio"] = {k: row["ours"][k] / ref[k] for k in ("prefill_tok_s", "decode_tok_s", "e2e_tok_s")}
+            print(f"B={b:>3} torch: prefill {ref['prefill_tok_s']:8.1f} tok/s  decode {ref['decode_tok_s']:7.1f} tok/s  "
+                  f"e2e {ref['e2e_tok_s']:7.1f} tok/s  -> ratio decode {row['ratio']['decode_tok_s']:.2f}x "
+                  f"e2e {row['ratio']['e2e_tok_s']:.2f}x  (greedy tokens agree {agree:.1%}; "
+                  f"load {load_before:.1f}->{os.getloadavg()[0]:.1f})", flush=True)
+        header["peak_rss_mb_total"] = peak_rss_mb()
+
+    table = [r for r, _ in rows]
+    print()
+    print(f"{'B':>3} | {'prompt tok':>10} | {'ours prefill':>12} | {'torch prefill':>13} | {'ours decode':>11} | "
+          f"{'torch decode':>12} | {'decode x':>8} | {'e2e x':>6} | {'compile (s)':>11}")
+    for r in table:
+        t = r.get("torch")
+        print(f"{r['batch']:>3} | {r['prompt_tokens']:>10} | {r['ours']['prefill_tok_s']:>12.1f} | "
+              f"{(t['prefill_tok_s'] if t else float('nan')):>13.1f} | {r['ours']['decode_tok_s']:>11.1f} | "
+              f"{(t['decode_tok_s'] if t else float('nan')):>12.1f} | "
+              f"{(r['ratio']['decode_tok_s'] if t else float('nan')):>8.2f} | "
+              f"{(r['ratio']['e2e_tok_s'] if t else float('nan')):>6.2f} | "
+              f"{r['ours']['compile_prefill_s'] + r['ours']['compile_decode_s']:>11.1f}")
+    print(f"peak RSS: {header['peak_rss_mb_after_ours']:.0f} MiB after ours"
+          + (f", {header['peak_rss_mb_total']:.0f} MiB after torch" if "peak_rss_mb_total" in header else ""))
+    if args.out:
+        with open(args.out, "w") as fh:
+            json.dump({"header": header, "rows": table}, fh, indent=2)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

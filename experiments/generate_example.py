@@ -1,0 +1,89 @@
+"""Answer a GSM8K test question with a chain of thought, through the model's chat template.
+
+Usage::
+
+    python experiments/generate_example.py                     # Qwen2.5-Coder 0.5B, question 0, greedy
+    python experiments/generate_example.py --index 3 --num-samples 4 --temperature 0.7 --top-p 0.95
+    python experiments/generate_example.py --model smollm2-135m --data-dir /path/to/data
+
+Prints the prompt, each completion, its finish reason, token counts, timings and the
+reference answer from the dataset (the ``#### N`` line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import time
+
+import jax
+
+from align_jax.llm.sampler import Sampler, enable_compilation_cache
+
+INSTRUCTION = (
+    "Solve the following math problem step by step. "
+    "At the end, write the final answer on its own line as 'The answer is N.'\n\n{question}"
+)
+
+
+def read_question(data_dir: str, index: int) -> dict:
+    path = os.path.join(data_dir, "gsm8k", "test.jsonl")
+    if not os.path.isfile(path):
+        raise SystemExit(f"{path} not found (set --data-dir to the folder holding gsm8k/test.jsonl)")
+    with open(path) as fh:
+        for line_no, line in enumerate(fh, 1):
+            if line_no - 1 == index:
+                try:
+                    record = json.loads(line)
+                    return {"question": record["question"], "answer": record["answer"]}
+                except (json.JSONDecodeError, KeyError) as err:
+                    raise SystemExit(f"{path}:{line_no}: bad GSM8K record ({err})")
+    raise SystemExit(f"{path}: no question at index {index}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="qwen2.5-coder-0.5b")
+    parser.add_argument("--data-dir", default=os.environ.get("ALIGN_JAX_DATA", "/work/shared/data"))
+    parser.add_argument("--index", type=int, default=0, help="GSM8K test question index")
+    parser.add_argument("--num-samples", type=int, default=1)
+    parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--max-new-tokens", type=int, default=320)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    args = parser.parse_args(argv)
+
+    enable_compilation_cache()
+    from align_jax.llm.weights import load_pretrained
+
+    record = read_question(args.data_dir, args.index)
+    t0 = time.perf_counter()
+    loaded = load_pretrained(args.model, dtype=args.dtype)
+    load_s = time.perf_counter() - t0
+    sampler = Sampler(loaded)
+    conversation = [{"role": "user", "content": INSTRUCTION.format(question=record["question"])}]
+    print(f"jax {jax.__version__} on {jax.devices()[0]}; {args.model} ({args.dtype}) loaded in {load_s:.1f}s")
+    print("=" * 80)
+    print(loaded.tokenizer.apply_chat_template(conversation))
+    t0 = time.perf_counter()
+    out = sampler.generate_chat(
+        [conversation], key=jax.random.key(args.seed), num_samples=args.num_samples,
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+    )
+    gen_s = time.perf_counter() - t0
+    for k, text in enumerate(out.text[0]):
+        print("=" * 80)
+        print(f"[sample {k}] finish={out.finish_reasons[0][k]} tokens={int(out.lengths[0, k])} "
+              f"mean logprob={out.logprobs[0, k, : out.lengths[0, k]].mean():.3f}")
+        print(text)
+    print("=" * 80)
+    print(f"reference: {record['answer'].splitlines()[-1]}")
+    print(f"prompt tokens {int(out.prompt_tokens[0])}, generated {out.generated_tokens} in {gen_s:.1f}s "
+          f"(first call includes compilation; {out.num_steps} decode steps)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
