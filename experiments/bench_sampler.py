@@ -11,7 +11,8 @@ Reported per B:
   * decode tok/s: B * new tokens / decode time (ours: the jitted decode loop; torch:
     ``generate`` wall time minus its prefill);
   * end-to-end tok/s: B * new tokens / (prefill + decode), and the ratio ours / torch;
-  * compile time of our prefill and decode (first call minus a timed steady call);
+  * compile time of our prefill and decode (first call minus a timed steady call; the
+    persistent compilation cache is off unless ``--compilation-cache``, so this is a real compile);
   * peak RSS of the process (``ru_maxrss``) after our runs and after torch's.
 
 Usage::
@@ -183,19 +184,23 @@ def main(argv=None) -> int:
     parser.add_argument("--data-dir", default=os.environ.get("ALIGN_JAX_DATA", "/work/shared/data"))
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="our dtype (torch: float32)")
     parser.add_argument("--skip-torch", action="store_true")
+    parser.add_argument("--compilation-cache", action="store_true",
+                        help="use the persistent compilation cache (then 'compile' may be a cache load)")
     parser.add_argument("--out", default=None, help="write the table as JSON here")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b]
     if not batches or min(batches) < 1 or args.new_tokens < 1:
         parser.error("--batches needs positive ints and --new-tokens must be >= 1")
 
-    enable_compilation_cache()
+    if args.compilation_cache:
+        enable_compilation_cache()
     from align_jax.llm.weights import load_pretrained
 
     header = dict(
         jax=jax.__version__, device=str(jax.devices()[0]), backend=jax.default_backend(),
         cpu_count=os.cpu_count(), platform=platform.platform(), python=sys.version.split()[0],
         model=args.model, dtype=args.dtype, new_tokens=args.new_tokens, reps=args.reps,
+        compilation_cache=bool(args.compilation_cache),
     )
     t0 = time.perf_counter()
     loaded = load_pretrained(args.model, dtype=args.dtype)

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 
 from align_jax.game import diagnostics
 from align_jax.game.hedge import hedge_policy, regret_bound, step_size
-from align_jax.game.ranking import ranking_feedback
+from align_jax.game.ranking import ranking_feedback, submission_feedback
 from align_jax.game.types import (
     CandidateSet,
     GameConfig,
@@ -49,7 +49,7 @@ from align_jax.game.types import (
     validate_candidates,
 )
 
-__all__ = ["play", "play_game", "round_rewards"]
+__all__ = ["play", "play_game", "round_rewards", "tolerant_argmax"]
 
 
 class _Carry(NamedTuple):
@@ -78,11 +78,28 @@ def round_rewards(
         keys = jax.random.split(key, policy.shape[0])
         logits = jnp.where(candidates.valid, jnp.log(jnp.maximum(policy, 1e-38)), -jnp.inf)
         draws = jax.vmap(jax.random.categorical)(keys, logits)
-        opponents = jax.nn.one_hot(draws, policy.shape[-1], dtype=jnp.float32)
+        feedback = submission_feedback(candidates.principal_score, draws)
     else:
-        opponents = policy
-    feedback = ranking_feedback(candidates.principal_score, opponents)
+        feedback = ranking_feedback(candidates.principal_score, policy)
     return jnp.where(candidates.valid, candidates.agent_utility * feedback, 0.0)
+
+
+def tolerant_argmax(values: jax.Array, rel_tol: float = 16 * float(jnp.finfo(jnp.float32).eps)) -> jax.Array:
+    """The lowest index whose value is within ``rel_tol`` (relative) of the maximum.
+
+    Slots with identical utility and score get identical policies in exact
+    arithmetic, but a batched float32 reduction may round them a few ulps apart;
+    this breaks such ties toward the lowest index, as the game specifies.
+
+    Args:
+      values: float ``[..., K]``.
+
+    Returns:
+      int32 ``[...]``.
+    """
+    top = jnp.max(values, axis=-1, keepdims=True)
+    near = values >= top - rel_tol * jnp.maximum(jnp.abs(top), 1e-30)
+    return jnp.argmax(near, axis=-1).astype(jnp.int32)
 
 
 def play_game(
@@ -148,7 +165,7 @@ def play_game(
 
     played_rounds = jnp.maximum(final.rounds, 1).astype(jnp.float32)
     average = final.sum_policy / played_rounds
-    submission = jnp.argmax(jnp.where(valid, average, -1.0), axis=-1).astype(jnp.int32)
+    submission = tolerant_argmax(jnp.where(valid, average, -1.0))
     chosen_agent, align_outcome = diagnostics.principal_pick(candidates, submission)
     gains = diagnostics.deviation_gain(candidates, average)
     regret = jnp.max(jnp.where(valid, final.cum_reward, -jnp.inf), axis=-1) - final.cum_played
@@ -171,9 +188,17 @@ def play_game(
     )
 
 
+# Games per vmapped block inside ``lax.map``: keeps each block's [B, N, K, N, K]
+# comparison tensor in cache across the rounds (measured 1.35x faster on CPU than
+# one vmap over the whole batch at N=3, K=16).
+MAP_BLOCK = 64
+
+
 @functools.partial(jax.jit, static_argnums=0)
 def _play_batch(config, candidates, keys, params):
-    return jax.vmap(play_game, in_axes=(None, 0, 0, 0))(config, candidates, keys, params)
+    q = candidates.valid.shape[0]
+    play_one = lambda args: play_game(config, *args)  # noqa: E731
+    return jax.lax.map(play_one, (candidates, keys, params), batch_size=min(MAP_BLOCK, q))
 
 
 def play(

@@ -104,9 +104,17 @@ def pooled_utility(candidates: CandidateSet) -> jax.Array:
     answer, frequency over each agent's K samples) this is the frequency of
     the answer among all N*K pooled samples.
     """
-    ids, valid, u = candidates.answer_id, candidates.valid, candidates.agent_utility
-    same = (ids[:, :, None, None] == ids[None, None, :, :]) & valid[None, None, :, :]
-    best = jnp.max(jnp.where(same, u[None, None, :, :], 0.0), axis=-1)
+    return _pooled_utility(candidates, _same_answer(candidates.answer_id))
+
+
+def _same_answer(ids: jax.Array) -> jax.Array:
+    """bool ``[N, K, N, K]``: slots ``(i, k)`` and ``(j, l)`` carry the same answer."""
+    return ids[:, :, None, None] == ids[None, None, :, :]
+
+
+def _pooled_utility(candidates: CandidateSet, same: jax.Array) -> jax.Array:
+    held = same & candidates.valid[None, None, :, :]
+    best = jnp.max(jnp.where(held, candidates.agent_utility[None, None, :, :], 0.0), axis=-1)
     return jnp.mean(best, axis=-1)
 
 
@@ -117,11 +125,10 @@ def fair_single_agent(candidates: CandidateSet) -> Outcome:
     uniform among the slots carrying the chosen answer; the result is the
     exact expectation.
     """
-    pooled = jnp.where(candidates.valid, pooled_utility(candidates), -jnp.inf)
+    same = _same_answer(candidates.answer_id)
+    pooled = jnp.where(candidates.valid, _pooled_utility(candidates, same), -jnp.inf)
     tied = candidates.valid & (pooled == jnp.max(pooled))
-    ids = candidates.answer_id
-    same = (ids[:, :, None, None] == ids[None, None, :, :]) & tied[None, None, :, :]
-    slots_of_answer = jnp.sum(same, axis=(-2, -1))
+    slots_of_answer = jnp.sum(same & tied[None, None, :, :], axis=(-2, -1))
     slots_of_answer = jnp.where(tied, slots_of_answer, 1)
     num_answers = jnp.sum(jnp.where(tied, 1.0 / slots_of_answer, 0.0))
     weight = jnp.where(tied, 1.0 / (slots_of_answer * num_answers), 0.0)

@@ -81,7 +81,9 @@ def hedge_policy(cum_reward: jax.Array, valid: jax.Array, eta: jax.Array) -> jax
       float ``[..., K]`` on the simplex, zero on invalid slots.
     """
     eta = jnp.asarray(eta, cum_reward.dtype)[..., None]
-    return jnp.where(valid, jnp.exp(masked_log_softmax(eta * cum_reward, valid)), 0.0)
+    logits = jnp.where(valid, eta * cum_reward, _NEG)
+    weights = jnp.where(valid, jnp.exp(logits - jnp.max(logits, axis=-1, keepdims=True)), 0.0)
+    return weights / jnp.sum(weights, axis=-1, keepdims=True)
 
 
 def step_size(schedule: str, base: jax.Array, t: jax.Array, num_valid: jax.Array) -> jax.Array:

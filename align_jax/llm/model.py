@@ -340,7 +340,7 @@ class Transformer(nnx.Module):
         else:
             self.lm_head = None
 
-    def __call__(self, tokens, positions, cache=None, cache_index=0, kv_mask=None):
+    def __call__(self, tokens, positions, cache=None, cache_index=0, kv_mask=None, *, last_only: bool = False):
         """Run the decoder on ``L`` new tokens per row.
 
         Args:
@@ -350,11 +350,17 @@ class Transformer(nnx.Module):
           cache: :class:`KVCache` ``[num_layers, B, S, Hkv, hd]`` or None.
           cache_index: int32 scalar (may be traced): first cache slot written.
           kv_mask: bool ``[B, S]`` with a cache, ``[B, L]`` without; False marks padding keys.
+          last_only: (static) compute logits for the last position only, returning
+            ``[B, 1, V]``: a long prefill then never materialises ``[B, L, V]``.
 
         With a cache, new k/v go to slots ``[cache_index, cache_index + L)`` of every
         row, and query ``l`` of row ``b`` attends to slot ``j`` iff
         ``kv_mask[b, j] and j <= cache_index + l``. Without a cache, attention is
         causal over the ``L`` tokens, masked by ``kv_mask`` if given.
+
+        The caller must keep ``cache_index + L <= S``: like every
+        ``lax.dynamic_update_slice``, an out-of-range write is clamped (silently
+        overwriting the last slots), since a traced index cannot raise.
 
         Returns:
           ``(logits float32 [B, L, V], updated KVCache or None)``.
@@ -375,6 +381,8 @@ class Transformer(nnx.Module):
             mask = mask & kv_mask[:, None, :].astype(bool)
         for i, layer in enumerate(self.layers):
             h, cache = layer(h, cos, sin, mask, cache, i, cache_index)
+        if last_only:
+            h = h[:, -1:]
         h = self.norm(h)
         if self.lm_head is None:
             head = self.embed_tokens.embedding[...]  # [V, D]
@@ -385,11 +393,12 @@ class Transformer(nnx.Module):
         return logits.astype(jnp.float32), cache
 
 
-def forward(graphdef, state, tokens, positions, cache=None, cache_index=0, kv_mask=None):
+def forward(graphdef, state, tokens, positions, cache=None, cache_index=0, kv_mask=None, *, last_only=False):
     """Pure-function form of :meth:`Transformer.__call__` for ``jax.jit``.
 
     ``graphdef, state = nnx.split(model)``; the weights in ``state`` are ordinary
-    array arguments. Returns ``(logits float32 [B, L, V], KVCache or None)``.
+    array arguments (``graphdef`` and ``last_only`` are static). Returns
+    ``(logits float32 [B, L, V] (or [B, 1, V] with last_only), KVCache or None)``.
     """
     model = nnx.merge(graphdef, state)
-    return model(tokens, positions, cache, cache_index, kv_mask)
+    return model(tokens, positions, cache, cache_index, kv_mask, last_only=last_only)

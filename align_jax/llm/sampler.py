@@ -60,6 +60,8 @@ __all__ = [
     "DecodeSpec",
     "enable_compilation_cache",
     "prompt_bucket",
+    "hidden_states",
+    "lm_head",
     "TRACE_COUNTS",
 ]
 

@@ -62,6 +62,8 @@ CHECKPOINT_CONFIG = "align_jax_config.json"
 CHECKPOINT_WEIGHTS = "model.safetensors"
 _CHECKPOINT_FORMAT = "align_jax.checkpoint"
 _CHECKPOINT_VERSION = 1
+# Bumped whenever GGUF conversion changes its output, so stale cached conversions are not reused.
+_CONVERTER_VERSION = 2
 
 
 class WeightsError(ValueError):
@@ -611,7 +613,7 @@ def load_checkpoint(directory: str | os.PathLike, *, dtype: str | None = None) -
 # --------------------------------------------------------------------------- front door
 def _cached_checkpoint_dir(name: str, cache_dir) -> pathlib.Path:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-    return registry.cache_root(cache_dir) / "checkpoints" / f"{safe}-{registry.source_fingerprint(name)}"
+    return registry.cache_root(cache_dir) / "checkpoints" / f"{safe}-{registry.source_fingerprint(name)}-c{_CONVERTER_VERSION}"
 
 
 def load_pretrained(name_or_path: str, *, dtype: str = "float32", cache_dir: str | None = None) -> LoadedModel:

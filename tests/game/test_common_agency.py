@@ -11,8 +11,14 @@ import scipy.optimize
 import scipy.special
 
 from align_jax.game import common_agency as ca
+from align_jax.game.types import GameInputError
 
 M, J = 8, 3
+
+# jitted once per module: the tests share shapes, so each compiles once
+_welfare = jax.jit(ca.welfare)
+_gradients = jax.jit(ca.principal_gradients)
+_utilities = jax.jit(jax.vmap(ca.principal_utilities, in_axes=(None, None, None, 0, None)))
 
 
 def _game(seed, m=M, j=J, scale=1.0, dirichlet=1.0, dtype=np.float32):
@@ -41,9 +47,9 @@ def test_wright_omega_log_matches_scipy():
     np.testing.assert_allclose(np.exp(t) + t, z, rtol=1e-12, atol=1e-12)
 
 
-@pytest.mark.parametrize("num_principals", [1, 2, 3])
+@pytest.mark.parametrize("num_principals", [1, 3])
 def test_closed_form_maximizer_matches_generic_convex_solver(num_principals):
-    """argmax W from the Wright-omega closed form == scipy SLSQP on the simplex."""
+    """argmax W: Wright-omega closed form == EPEC solver == scipy (BFGS on logits, SLSQP on the simplex)."""
     base, objectives, weights = _game(3 + num_principals, m=5, j=num_principals, dtype=np.float64)
     tau = 0.7
     pi0 = np.exp(base - scipy.special.logsumexp(base))
@@ -51,6 +57,7 @@ def test_closed_form_maximizer_matches_generic_convex_solver(num_principals):
     with jax.enable_x64(True):
         closed = np.exp(np.asarray(ca.welfare_maximizer(base, objectives, weights, tau)))
         w_closed = float(ca.welfare(jnp.log(closed), base, objectives, weights, tau))
+        solved = ca.solve_equilibrium(base, objectives, weights, tau, config=ca.SolverConfig(tol=1e-12))
     # softmax parametrisation keeps SLSQP inside the simplex; maximise W
     res = scipy.optimize.minimize(
         lambda z: -_np_welfare(scipy.special.softmax(z), pi0, qw, tau, num_principals),
@@ -68,6 +75,7 @@ def test_closed_form_maximizer_matches_generic_convex_solver(num_principals):
         options={"ftol": 1e-14, "maxiter": 500},
     )
     np.testing.assert_allclose(closed, generic, atol=1e-6)
+    np.testing.assert_allclose(solved.policy, generic, atol=1e-6)  # the EPEC solver, independently
     np.testing.assert_allclose(closed, slsqp.x, atol=1e-5)
     assert w_closed == pytest.approx(_np_welfare(closed, pi0, qw, tau, num_principals), rel=1e-10)
     assert w_closed >= -res.fun - 1e-10
@@ -98,9 +106,7 @@ def test_solver_float64_to_tight_tolerance_and_nonjit_path_agrees():
     tau = 0.3
     config = ca.SolverConfig(tol=1e-12)
     with jax.enable_x64(True):
-        jitted = jax.jit(ca.solve_equilibrium, static_argnames="config")(
-            base, objectives, weights, tau, config=config
-        )
+        jitted = ca.solve_equilibrium(base, objectives, weights, tau, config=config)
         with jax.disable_jit():
             eager = ca.solve_equilibrium(base, objectives, weights, tau, config=config)
         closed = np.exp(np.asarray(ca.welfare_maximizer(base, objectives, weights, tau)))
@@ -123,7 +129,9 @@ def test_uniqueness_from_random_initial_incentives():
     assert bool(jnp.all(results.converged))
     assert int(jnp.max(results.iterations)) > int(jnp.min(results.iterations))  # the starts really differ
     np.testing.assert_allclose(results.policy, jnp.broadcast_to(results.policy[0], results.policy.shape), atol=2e-6)
-    np.testing.assert_allclose(results.incentives, jnp.broadcast_to(results.incentives[0], results.incentives.shape), atol=2e-5)
+    np.testing.assert_allclose(
+        results.incentives, jnp.broadcast_to(results.incentives[0], results.incentives.shape), atol=2e-5
+    )
     # the starting policies were far apart
     start = jax.vmap(lambda y0: jnp.exp(ca.agent_response(base, y0, tau)))(inits)
     assert float(jnp.max(jnp.abs(start - results.policy[0]))) > 0.3
@@ -133,17 +141,17 @@ def test_first_order_conditions_hold_at_equilibrium_and_fail_elsewhere():
     base, objectives, weights = _game(31)
     tau = 0.5
     result = ca.solve_equilibrium(base, objectives, weights, tau)
-    grads = ca.principal_gradients(base, objectives, weights, result.incentives, tau)
+    grads = _gradients(base, objectives, weights, result.incentives, tau)
     assert float(jnp.max(jnp.abs(grads))) < 2e-6
     # the test has teeth: the linear-mixing profile Y_k = w_k Q_k is not an equilibrium
     truthful = weights[:, None] * objectives
     truthful = truthful - (truthful @ jnp.exp(jax.nn.log_softmax(base)))[:, None]
-    assert float(jnp.max(jnp.abs(ca.principal_gradients(base, objectives, weights, truthful, tau)))) > 1e-2
+    assert float(jnp.max(jnp.abs(_gradients(base, objectives, weights, truthful, tau)))) > 1e-2
 
 
 def test_no_profitable_unilateral_deviation():
     """Nash check: random normalised deviations of one principal never raise its payoff."""
-    base, objectives, weights = _game(41)
+    base, objectives, weights = _game(41, dtype=np.float64)
     tau = 0.8
     with jax.enable_x64(True):
         result = ca.solve_equilibrium(base, objectives, weights, tau, config=ca.SolverConfig(tol=1e-12))
@@ -155,7 +163,7 @@ def test_no_profitable_unilateral_deviation():
                 d = rng.normal(size=(64, M)) * size
                 d -= (d @ pi0)[:, None]  # stay on <pi0, Y_k> = 0
                 deviated = jnp.asarray(result.incentives)[None].repeat(64, 0).at[:, k].add(d)
-                u = jax.vmap(lambda y: ca.principal_utilities(base, objectives, weights, y, tau))(deviated)
+                u = _utilities(base, objectives, weights, deviated, tau)
                 assert float(jnp.max(u[:, k] - payoff[k])) <= 1e-12
 
 
@@ -191,11 +199,11 @@ def test_welfare_properties_and_limits():
     # the equilibrium beats linear mixing and random policies on W
     tau = 0.5
     eq = ca.solve_equilibrium(base, objectives, weights, tau)
-    w_eq = ca.welfare(eq.log_policy, base, objectives, weights, tau)
+    w_eq = _welfare(eq.log_policy, base, objectives, weights, tau)
     others = [ca.linear_mixing_logits(base, objectives, weights, tau)]
     others += [jax.nn.log_softmax(jax.random.normal(jax.random.key(i), (M,)) * 2) for i in range(20)]
     for lp in others:
-        assert float(ca.welfare(lp, base, objectives, weights, tau)) < float(w_eq)
+        assert float(_welfare(lp, base, objectives, weights, tau)) < float(w_eq)
     # more principals => stronger pull to pi0 (J tau KL(pi0 || pi)); a zero-weight
     # principal is not neutral
     extra = ca.solve_equilibrium(
@@ -233,7 +241,7 @@ def test_no_nan_at_extremes(tau, weights, base_kind):
         assert bool(jnp.all(jnp.isfinite(leaf)))
     assert bool(result.converged[0])
     assert float(jnp.sum(result.policy)) == pytest.approx(1.0, abs=1e-5)
-    assert float(jnp.max(jnp.abs(result.policy[0][~mask]))) == 0.0
+    assert float(jnp.sum(jnp.abs(jnp.where(mask, 0.0, result.policy[0])))) == 0.0
     assert bool(jnp.all(jnp.isfinite(closed)))
     np.testing.assert_allclose(result.policy[0], closed, atol=1e-4)
 
@@ -245,11 +253,16 @@ def test_vmapped_batch_equals_per_item():
     weights = np.stack([g[2] for g in games])
     taus = np.array([0.01, 0.1, 0.5, 1.0, 4.0, 50.0], np.float32)
     batch = ca.solve_equilibria(base, objectives, weights, taus)
+    chunked = ca.solve_equilibria(base, objectives, weights, taus, chunk_size=4)  # 4 + a remainder of 2
+    np.testing.assert_array_equal(chunked.iterations, batch.iterations)
+    np.testing.assert_allclose(chunked.policy, batch.policy, atol=2e-6)
     for i in range(len(games)):
-        single = ca.solve_equilibrium(base[i], objectives[i], weights[i], taus[i])
-        np.testing.assert_allclose(batch.policy[i], single.policy, atol=1e-7)
-        np.testing.assert_allclose(batch.incentives[i], single.incentives, atol=1e-5)
-        assert int(batch.iterations[i]) == int(single.iterations)
+        single = ca.solve_equilibrium(base[i], objectives[i], weights[i], float(taus[i]))
+        # same algorithm, same iterations; only float32 op ordering differs
+        np.testing.assert_allclose(batch.policy[i], single.policy, atol=2e-6)
+        np.testing.assert_allclose(batch.incentives[i], single.incentives, atol=2e-5 * (1 + taus[i]))
+        assert abs(int(batch.iterations[i]) - int(single.iterations)) <= 1
+        assert bool(batch.converged[i]) and bool(single.converged)
 
 
 def test_no_retrace_on_second_call():
@@ -356,3 +369,95 @@ def test_solver_config_validation():
         ca.SolverConfig(tol=0.0)
     with pytest.raises(ValueError, match="SolverConfig.max_iters"):
         ca.SolverConfig(max_iters=0)
+
+
+def test_check_game_inputs_unbatched_shapes():
+    base, objectives, weights = _game(113)
+    ca.check_game_inputs(base, objectives, weights, 0.5)  # fine
+    with pytest.raises(ValueError, match="weights: 4 weight") as error:
+        ca.check_game_inputs(base, objectives, np.ones(4), 0.5)
+    assert isinstance(error.value, GameInputError) and error.value.field == "weights"
+    with pytest.raises(ValueError, match="tau: shape"):
+        ca.check_game_inputs(base, objectives, weights, np.ones(2))
+    with pytest.raises(ValueError, match="valid: shape"):
+        ca.check_game_inputs(base, objectives, weights, 0.5, valid=np.ones(M + 1, bool))
+    with pytest.raises(ValueError, match="base_logits: expected 1 dims"):
+        ca.check_game_inputs(base[None], objectives, weights, 0.5)
+    with pytest.raises(ValueError, match="init_incentives: shape"):
+        ca.solve_equilibria(base[None], objectives[None], weights, 0.5, init_incentives=np.zeros((1, J, M + 1)))
+
+
+# ---------------------------------------------------------------------------
+# the limited-liability variant (Y_k >= 0)
+
+
+def test_limited_liability_single_principal_maximizes_its_welfare():
+    """J = 1: the equilibrium policy maximises <pi, a> - tau KL(pi||pi0) - c_min(pi)."""
+    base, objectives, weights = _game(121, m=6, j=1, dtype=np.float64)
+    tau = 0.5
+    with jax.enable_x64(True):
+        result = ca.solve_limited_liability(base, objectives, weights, tau, config=ca.SolverConfig(tol=1e-13))
+        welfare = jax.jit(jax.vmap(ca.limited_liability_welfare, in_axes=(0, None, None, None, None)))
+        w_eq = float(ca.limited_liability_welfare(result.log_policy, base, objectives, weights, tau))
+        rng = np.random.default_rng(0)
+        for size in (1e-4, 1e-2, 1.0):
+            perturbed = jax.nn.log_softmax(result.log_policy + rng.normal(size=(256, 6)) * size)
+            assert float(jnp.max(welfare(perturbed, base, objectives, weights, tau))) <= w_eq + 1e-12
+    pi0 = scipy.special.softmax(base)
+    a = weights[0] * objectives[0]
+
+    def neg_w(z):
+        p = scipy.special.softmax(z)
+        return -(p @ a - tau * np.sum(p * np.log(p / pi0)) - tau * np.max(np.log(pi0 / p)))
+
+    generic = min(
+        (scipy.optimize.minimize(neg_w, rng.normal(size=6), method="Nelder-Mead",
+                                 options={"maxiter": 20000, "xatol": 1e-10, "fatol": 1e-13}) for _ in range(3)),
+        key=lambda r: r.fun,
+    )
+    assert w_eq >= -generic.fun - 1e-9
+    np.testing.assert_allclose(result.policy, scipy.special.softmax(generic.x), atol=5e-3)  # nonsmooth optimum
+
+
+def test_limited_liability_is_a_nash_equilibrium_with_truthful_thresholds():
+    base, objectives, weights = _game(122, dtype=np.float64)
+    tau = 0.3
+    with jax.enable_x64(True):
+        result = ca.solve_limited_liability(base, objectives, weights, tau, config=ca.SolverConfig(tol=1e-13))
+        y = np.asarray(result.incentives)
+        assert y.min() == 0.0 and np.all(y.min(axis=1) == 0.0)  # Y_k >= 0, min 0
+        payoff = np.asarray(ca.principal_utilities(base, objectives, weights, y, tau))
+        # truthful threshold form: Y_k = (a_k - u_k)_+ with u_k = tau + U_k
+        # (in coordinates where max_i a_ki = 0, which shifts U_k by -max_i a_ki)
+        a = weights[:, None] * objectives
+        thresholds = tau + payoff - a.max(axis=1)
+        a = a - a.max(axis=1, keepdims=True)
+        np.testing.assert_allclose(y, np.maximum(a - thresholds[:, None], 0.0), atol=1e-9)
+        assert np.all(y.max(axis=1) > 0)  # every principal pays somewhere here
+        assert float(result.residual) < 1e-10
+        rng = np.random.default_rng(1)
+        for k in range(J):
+            for size in (1e-3, 0.1, 2.0):
+                deviated = np.repeat(y[None], 128, 0)
+                deviated[:, k] = np.maximum(y[k] + rng.normal(size=(128, M)) * size, 0.0)
+                u = _utilities(base, objectives, weights, jnp.asarray(deviated), tau)
+                assert float(jnp.max(u[:, k] - payoff[k])) <= 1e-12
+
+
+def test_limited_liability_unique_from_random_thresholds_and_finite_at_extremes():
+    base, objectives, weights = _game(123)
+    config = ca.SolverConfig(tol=1e-7)
+    inits = jax.random.uniform(jax.random.key(1), (16, J), minval=-3.0, maxval=3.0)
+    results = jax.vmap(
+        lambda u0: ca.solve_limited_liability(base, objectives, weights, 0.2, init_thresholds=u0, config=config)
+    )(inits)
+    assert bool(jnp.all(results.converged))
+    np.testing.assert_allclose(results.policy, jnp.broadcast_to(results.policy[0], results.policy.shape), atol=1e-5)
+    for tau in (1e-3, 1e3):
+        for w in ([0.0, 0.0, 0.0], [1e3, 0.0, 1.0]):
+            peaked = ca.solve_limited_liability(
+                np.log(PEAKED).astype(np.float32), objectives, np.asarray(w, np.float32), tau
+            )
+            assert bool(jnp.all(jnp.isfinite(peaked.policy))) and bool(jnp.all(jnp.isfinite(peaked.incentives)))
+            assert float(jnp.sum(peaked.policy)) == pytest.approx(1.0, abs=1e-5)
+            assert float(jnp.min(peaked.incentives)) >= 0.0

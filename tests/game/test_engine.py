@@ -366,3 +366,25 @@ def test_single_agent_game_picks_its_own_best():
     assert int(result.submission[0]) == 1  # f = +1 alone: it maximizes its own utility
     assert int(result.chosen_agent) == 0 and int(result.chosen_answer) == 1
     assert float(result.regret[0]) <= float(result.regret_bound[0])
+
+
+def test_submission_feedback_equals_one_hot_profile():
+    from align_jax.game.ranking import submission_feedback
+
+    rng = np.random.default_rng(1)
+    for n in (1, 2, 4):
+        scores = jnp.asarray(np.round(rng.normal(size=(n, 6)), 1), jnp.float32)
+        draws = jnp.asarray(rng.integers(0, 6, size=n))
+        np.testing.assert_allclose(
+            submission_feedback(scores, draws), ranking_feedback(scores, jax.nn.one_hot(draws, 6)), atol=1e-6
+        )
+
+
+def test_identical_slots_tie_toward_lowest_index():
+    # Slots come in identical pairs; each agent must submit the first copy of its best pair.
+    # Agent 1's u=0.5 slots are outranked (negative rewards), so it prefers its u=0 pair.
+    u = [[0.3, 0.3, 0.2, 0.2], [0.5, 0.5, 0.0, 0.0]]
+    s = [[1.0, 1.0, 0.0, 0.0], [0.5, 0.5, 2.0, 2.0]]
+    r = play(GameConfig(num_rounds=20), make_candidates(u, s), jax.random.key(0), GameParams.create(3.0))
+    np.testing.assert_array_equal(np.asarray(r.submission), [0, 2])
+    np.testing.assert_array_equal(r.average_policy[:, 0], r.average_policy[:, 1])

@@ -214,3 +214,123 @@ def test_config_roundtrip_and_hashable():
     assert hash(config) == hash(ModelConfig.from_dict(config.to_dict()))
     with pytest.raises(ValueError, match="unknown ModelConfig fields"):
         ModelConfig.from_dict({**config.to_dict(), "rope_scaling": None})
+
+
+# ----------------------------------------------------------------------------- real models (slow)
+REAL_PROMPTS = [
+    "What is 12 * 7? Think step by step.",
+    "Write a haiku about the sea.",
+    "Natalia sold clips to 48 of her friends in April, and then she sold half as many clips in May. "
+    "How many clips did Natalia sell altogether in April and May?",
+]
+
+
+def _real_pair(name):
+    """(our LoadedModel, transformers model loaded from the same GGUF by transformers' own code)."""
+    from align_jax.llm import registry
+    from align_jax.llm.weights import load_pretrained
+
+    try:
+        path = registry.resolve_gguf(name)
+    except registry.ModelPackageError as err:
+        pytest.skip(str(err))
+    pytest.importorskip("accelerate")
+    ours = load_pretrained(name)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name,
+                                                            dtype=torch.float32).eval()
+    return ours, ref
+
+
+@pytest.fixture(scope="module")
+def smollm2_pair():
+    return _real_pair("smollm2-135m")
+
+
+@pytest.fixture(scope="module")
+def qwen_pair():
+    return _real_pair("qwen2.5-coder-0.5b")
+
+
+def _chat_ids(tokenizer, question):
+    return np.array([tokenizer.encode(tokenizer.apply_chat_template([{"role": "user", "content": question}]))])
+
+
+def _assert_logits_match(pair):
+    ours, ref = pair
+    graphdef, state = nnx.split(ours.model)
+    for question in REAL_PROMPTS:
+        ids = _chat_ids(ours.tokenizer, question)
+        with torch.no_grad():
+            expected = ref(torch.tensor(ids)).logits.numpy()
+        from .conftest import jit_forward
+
+        got, _ = jit_forward(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.arange(ids.shape[1])[None],
+                             None, jnp.int32(0), None)
+        diff = np.abs(np.asarray(got) - expected).max()
+        print(f"{ours.config.arch}: prompt of {ids.shape[1]} tokens, max |logit diff| = {diff:.2e}")
+        assert diff < 1e-3
+
+
+@pytest.mark.slow
+def test_smollm2_gguf_logits_match_transformers(smollm2_pair):
+    _assert_logits_match(smollm2_pair)
+
+
+@pytest.mark.slow
+def test_qwen_gguf_logits_match_transformers(qwen_pair):
+    assert qwen_pair[0].config.arch == "qwen2" and qwen_pair[0].config.attention_bias
+    _assert_logits_match(qwen_pair)
+
+
+@pytest.mark.slow
+def test_smollm2_greedy_64_tokens_identical_and_cache_consistent(smollm2_pair):
+    """Greedy decoding with our cache == transformers' generate for 64 tokens on three prompts,
+    and the cached step logits equal a full recompute over prompt + generated tokens."""
+    ours, ref = smollm2_pair
+    graphdef, state = nnx.split(ours.model)
+    step = jax.jit(forward, static_argnums=0, donate_argnums=(4,))
+    full_pass = jax.jit(forward, static_argnums=0)
+    new, slots = 64, 256  # every prompt + 64 new tokens must fit: slots past S are clamped by XLA
+    for question in REAL_PROMPTS:
+        ids = _chat_ids(ours.tokenizer, question)
+        length = ids.shape[1]
+        with torch.no_grad():
+            expected = ref.generate(torch.tensor(ids), attention_mask=torch.ones_like(torch.tensor(ids)),
+                                    max_new_tokens=new, do_sample=False, eos_token_id=None,
+                                    pad_token_id=ours.tokenizer.pad_token_id)[0, length:].numpy()
+        assert expected.shape == (new,)
+        cache = init_cache(ours.config, 1, slots)
+        kv_mask = jnp.zeros((1, slots), bool).at[:, :length].set(True)
+        logits, cache = step(graphdef, state, jnp.asarray(ids, jnp.int32), jnp.arange(length)[None], cache,
+                             jnp.int32(0), kv_mask)
+        step_logits = [np.asarray(logits[0, -1])]
+        generated = [int(np.argmax(step_logits[-1]))]
+        for t in range(new - 1):
+            index = length + t
+            kv_mask = kv_mask.at[:, index].set(True)
+            logits, cache = step(graphdef, state, jnp.array([[generated[-1]]], jnp.int32),
+                                 jnp.array([[index]], jnp.int32), cache, jnp.int32(index), kv_mask)
+            step_logits.append(np.asarray(logits[0, -1]))
+            generated.append(int(np.argmax(step_logits[-1])))
+        print(repr(ours.tokenizer.decode(generated)))
+        np.testing.assert_array_equal(np.array(generated), expected)
+        everything = np.concatenate([ids[0], np.array(generated)])[None]
+        recomputed, _ = full_pass(graphdef, state, jnp.asarray(everything, jnp.int32),
+                                  jnp.arange(everything.shape[1])[None], None, jnp.int32(0), None)
+        recomputed = np.asarray(recomputed)[0, length - 1: length - 1 + new]
+        np.testing.assert_allclose(np.stack(step_logits), recomputed, atol=1e-3)
+
+
+def test_last_only_returns_final_position_logits():
+    config = make_tiny_config("qwen2")
+    graphdef, state = nnx.split(Transformer(config, rngs=nnx.Rngs(8)))
+    tokens = jax.random.randint(jax.random.key(2), (BATCH, PREFILL), 0, config.vocab_size)
+    positions = jnp.broadcast_to(jnp.arange(PREFILL), (BATCH, PREFILL))
+    kv_mask = jnp.zeros((BATCH, CACHE_LEN), bool).at[:, :PREFILL].set(True)
+    step = jax.jit(forward, static_argnums=0, static_argnames="last_only")
+    full, cache_full = step(graphdef, state, tokens, positions, init_cache(config, BATCH, CACHE_LEN), 0, kv_mask)
+    last, cache_last = step(graphdef, state, tokens, positions, init_cache(config, BATCH, CACHE_LEN), 0, kv_mask,
+                            last_only=True)
+    assert last.shape == (BATCH, 1, config.vocab_size)
+    np.testing.assert_allclose(np.asarray(last[:, 0]), np.asarray(full[:, -1]), atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(cache_last.k), np.asarray(cache_full.k))
