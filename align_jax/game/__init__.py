@@ -1,6 +1,20 @@
 """Pure-JAX game engine: the ALIGN delegation game, its diagnostics, synthetic scenarios."""
 
-from align_jax.game.delegation import play, play_game, round_rewards
+from align_jax.game import common_agency
+from align_jax.game.common_agency import (
+    EquilibriumResult,
+    SolverConfig,
+    check_top_m,
+    linear_mixing_logits,
+    reward_guided_choice,
+    reward_guided_logits,
+    solve_equilibria,
+    solve_equilibrium,
+    solve_limited_liability,
+    welfare,
+    welfare_maximizer,
+)
+from align_jax.game.delegation import play, play_game, round_rewards, tolerant_argmax
 from align_jax.game.diagnostics import (
     baselines,
     deviation_gain,
@@ -23,7 +37,7 @@ from align_jax.game.hedge import (
     regret_bound,
     step_size,
 )
-from align_jax.game.ranking import outrank_weights, ranking_feedback
+from align_jax.game.ranking import outrank_weights, ranking_feedback, submission_feedback
 from align_jax.game.scenarios import ScenarioParams, ScenarioSpec, sample, sample_batch, utility_correlation
 from align_jax.game.types import (
     Baselines,
@@ -39,6 +53,20 @@ from align_jax.game.types import (
 )
 
 __all__ = [
+    "common_agency",
+    "EquilibriumResult",
+    "SolverConfig",
+    "check_top_m",
+    "linear_mixing_logits",
+    "reward_guided_choice",
+    "reward_guided_logits",
+    "solve_equilibria",
+    "solve_equilibrium",
+    "solve_limited_liability",
+    "welfare",
+    "welfare_maximizer",
+    "tolerant_argmax",
+    "submission_feedback",
     "play",
     "play_game",
     "round_rewards",
