@@ -1,6 +1,8 @@
 """The ``align-jax`` command.
 
     align-jax simulate configs/theorem1_sweep.yaml [--scenarios N] [--output-dir DIR] [--no-figures]
+    align-jax reason configs/reason_small.yaml      ALIGN + baselines with real LLMs on math benchmarks
+    align-jax align configs/cage_small.yaml         CAGE multi-objective decoding over a weight grid
 """
 
 from __future__ import annotations
@@ -43,6 +45,11 @@ def build_parser() -> argparse.ArgumentParser:
     sim.add_argument("--no-figures", action="store_true", help="skip the figures")
     sim.add_argument("--quiet", action="store_true", help="no progress bar")
     sim.set_defaults(func=_simulate)
+    from align_jax.methods.reason import add_reason_subcommand
+    from align_jax.methods.cage import add_align_subcommand
+
+    add_reason_subcommand(sub)
+    add_align_subcommand(sub)
     return parser
 
 

@@ -99,7 +99,7 @@ def torch_model_from_ours(loaded):
         sd[pre + "post_attention_layernorm.weight"] = layer["post_attention_layernorm"]["scale"]
     if not cfg.tie_word_embeddings:
         sd["lm_head.weight"] = np.asarray(state["lm_head"]["kernel"]).T
-    sd = {k: torch.from_numpy(np.ascontiguousarray(np.asarray(v, np.float32))) for k, v in sd.items()}
+    sd = {k: torch.from_numpy(np.array(v, dtype=np.float32, copy=True)) for k, v in sd.items()}
     missing, unexpected = model.load_state_dict(sd, strict=False)
     missing = [m for m in missing if not (cfg.tie_word_embeddings and m == "lm_head.weight")]
     if missing or unexpected:

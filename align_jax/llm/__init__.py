@@ -1,1 +1,48 @@
+"""The Flax side: decoder, offline weights, tokenizer, batched sampler, scoring."""
 
+from align_jax.llm.logits import ban_tokens, compose_processors, sample_tokens
+from align_jax.llm.model import KVCache, ModelConfig, Transformer, forward, init_cache
+from align_jax.llm.registry import MODELS, ModelPackageError, resolve_gguf
+from align_jax.llm.sampler import SampleOutput, Sampler, SamplerStepState, enable_compilation_cache
+from align_jax.llm.scoring import ScoreOutput, score_continuations
+from align_jax.llm.tokenizer import ChatTokenizer, TokenizerError
+from align_jax.llm.weights import (
+    LoadedModel,
+    ModelLoadError,
+    WeightsError,
+    load_checkpoint,
+    load_gguf,
+    load_hf_dir,
+    load_pretrained,
+    save_checkpoint,
+)
+
+__all__ = [
+    "ban_tokens",
+    "compose_processors",
+    "sample_tokens",
+    "KVCache",
+    "ModelConfig",
+    "Transformer",
+    "forward",
+    "init_cache",
+    "MODELS",
+    "ModelPackageError",
+    "resolve_gguf",
+    "SampleOutput",
+    "Sampler",
+    "SamplerStepState",
+    "enable_compilation_cache",
+    "ScoreOutput",
+    "score_continuations",
+    "ChatTokenizer",
+    "TokenizerError",
+    "LoadedModel",
+    "ModelLoadError",
+    "WeightsError",
+    "load_checkpoint",
+    "load_gguf",
+    "load_hf_dir",
+    "load_pretrained",
+    "save_checkpoint",
+]

@@ -365,6 +365,18 @@ class Transformer(nnx.Module):
         Returns:
           ``(logits float32 [B, L, V], updated KVCache or None)``.
         """
+        h, cache = self.hidden_states(tokens, positions, cache, cache_index, kv_mask)
+        if last_only:
+            h = h[:, -1:]
+        return self.logits(h), cache
+
+    def hidden_states(self, tokens, positions, cache=None, cache_index=0, kv_mask=None):
+        """Final-norm hidden states ``[B, L, D]`` (no LM head) and the updated cache.
+
+        Same arguments and masking as :meth:`__call__`; ``self.logits(h)`` of the
+        result equals ``__call__``'s logits. Lets callers apply the head to only the
+        positions they need.
+        """
         b, l = tokens.shape
         h = self.embed_tokens(tokens)
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
@@ -381,16 +393,17 @@ class Transformer(nnx.Module):
             mask = mask & kv_mask[:, None, :].astype(bool)
         for i, layer in enumerate(self.layers):
             h, cache = layer(h, cos, sin, mask, cache, i, cache_index)
-        if last_only:
-            h = h[:, -1:]
-        h = self.norm(h)
+        return self.norm(h), cache
+
+    def logits(self, h: jax.Array) -> jax.Array:
+        """float32 logits ``[..., V]`` of final-norm hidden states ``h [..., D]`` (tied or untied head)."""
         if self.lm_head is None:
             head = self.embed_tokens.embedding[...]  # [V, D]
-            logits = jnp.einsum("bld,vd->blv", h, head, preferred_element_type=jnp.float32)
+            out = jnp.einsum("...d,vd->...v", h, head, preferred_element_type=jnp.float32)
         else:
             head = self.lm_head.kernel[...]  # [D, V]
-            logits = jnp.einsum("bld,dv->blv", h, head, preferred_element_type=jnp.float32)
-        return logits.astype(jnp.float32), cache
+            out = jnp.einsum("...d,dv->...v", h, head, preferred_element_type=jnp.float32)
+        return out.astype(jnp.float32)
 
 
 def forward(graphdef, state, tokens, positions, cache=None, cache_index=0, kv_mask=None, *, last_only=False):

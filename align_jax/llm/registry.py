@@ -29,6 +29,8 @@ __all__ = [
     "cache_root",
     "resolve_gguf",
     "is_registered",
+    "package_files",
+    "source_fingerprint",
 ]
 
 

@@ -5,9 +5,10 @@ Design (Flax NNX Gemma sampler / jax-llm-examples style):
 * The model is split once, ``graphdef, state = nnx.split(model)``; the two compiled
   functions below take ``graphdef`` as a static argument and the weights ``state`` as
   ordinary array arguments (never ``nnx.jit`` on the module, never weights as constants).
-* B prompts are tokenised on the host, left-padded to a power-of-two bucket
-  ``P >= max prompt length`` (at least ``min_prompt_bucket``), so prompts of similar
-  length share one compiled program.
+* B prompts are tokenised on the host, left-padded to a bucket ``P >= max prompt
+  length`` (a power of two or the midpoint ``3 * 2**(k-1)`` between two, at least
+  ``min_prompt_bucket``; see :func:`prompt_bucket`), so prompts of similar length share
+  one compiled program and at most two programs exist per doubling of the length.
 * **Prefill** (one jit): the B prompts run once through the decoder into a cache of
   ``S = P + max_new_tokens`` slots; only the last position goes through the LM head.
   The cache and the last logits are then repeated K = ``num_samples`` times, giving
@@ -89,10 +90,20 @@ def enable_compilation_cache(path: str | None = None, *, min_compile_time_secs: 
     return path
 
 
-def prompt_bucket(length: int, minimum: int = 16) -> int:
-    """Smallest power of two ``>= max(length, minimum)``."""
+def prompt_bucket(length: int, minimum: int = 16, half_steps: bool = True) -> int:
+    """Padded length for a prompt (or scored sequence) of ``length`` tokens.
+
+    The smallest power of two ``>= max(length, minimum)``; with ``half_steps`` also the
+    midpoints ``3 * 2**(k-1)`` are buckets (16, 24, 32, 48, 64, 96, 128, 192, 256, ...):
+    at most two compiled programs per doubling of the length, and at most a third of
+    a padded prompt is padding instead of a half (a batch of GSM8K chat prompts of
+    up to ~140 tokens pads to 192, not 256).
+    """
     length = max(int(length), int(minimum), 1)
-    return 1 << (length - 1).bit_length()
+    power = 1 << (length - 1).bit_length()
+    if half_steps and power >= 4 and length <= 3 * power // 4:
+        return max(3 * power // 4, int(minimum))
+    return power
 
 
 class SamplerStepState(NamedTuple):

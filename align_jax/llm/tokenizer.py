@@ -198,7 +198,10 @@ class ChatTokenizer:
         """Render ``messages`` (``[{"role": ..., "content": ...}]``) with the model's own template."""
         if not self.hf_tokenizer.chat_template:
             raise TokenizerError("this tokenizer has no chat template")
-        if not isinstance(messages, list) or not all(isinstance(m, dict) and "role" in m and "content" in m for m in messages):
+        well_formed = isinstance(messages, list) and all(
+            isinstance(m, dict) and "role" in m and "content" in m for m in messages
+        )
+        if not well_formed:
             raise TokenizerError("messages must be a list of {'role': ..., 'content': ...} dicts")
         return self.hf_tokenizer.apply_chat_template(
             messages, tokenize=False, add_generation_prompt=add_generation_prompt
@@ -254,7 +257,8 @@ class ChatTokenizer:
                     "tokenizer_type": model_type, "pre_tokenizer_type": meta.get("ggml.pre"),
                     "tokens": tokens, "scores": meta.get("ggml.scores"), "token_type": meta.get("ggml.token_type"),
                     "bos_token_id": meta.get("ggml.bos_token_id"), "eos_token_id": meta.get("ggml.eos_token_id"),
-                    "unk_token_id": meta.get("ggml.unknown_token_id"), "pad_token_id": meta.get("ggml.padding_token_id"),
+                    "unk_token_id": meta.get("ggml.unknown_token_id"),
+                    "pad_token_id": meta.get("ggml.padding_token_id"),
                 }
                 if meta.get("ggml.merges") is not None:
                     renamed["merges"] = meta["ggml.merges"]
@@ -269,8 +273,9 @@ class ChatTokenizer:
         vocab = {tok: i for i, tok in enumerate(tokens)}
         eos_ids = [meta.get("ggml.eos_token_id"), meta.get("ggml.eot_token_id"), meta.get("ggml.eom_token_id")]
         eos_ids += [vocab[t] for t in END_OF_TURN_TOKENS if t in vocab and t in (hf.all_special_tokens or [])]
+        token_types = meta.get("ggml.token_type") or [0] * len(tokens)
         eos_ids += [vocab[t] for t in END_OF_TURN_TOKENS
-                    if t in vocab and (meta.get("ggml.token_type") or [0] * len(tokens))[vocab[t]] == _TOKEN_TYPE_CONTROL]
+                    if t in vocab and token_types[vocab[t]] == _TOKEN_TYPE_CONTROL]
         eos_ids = [i for i in eos_ids if i is not None]
         if not eos_ids:
             raise TokenizerError(f"{path}: GGUF metadata names no eos token (tokenizer.ggml.eos_token_id)")
@@ -348,7 +353,6 @@ class ChatTokenizer:
     @classmethod
     def load(cls, directory: str | os.PathLike) -> "ChatTokenizer":
         """Inverse of :meth:`save`."""
-        from tokenizers import Tokenizer
         from transformers import PreTrainedTokenizerFast
 
         directory = pathlib.Path(directory)
@@ -359,15 +363,19 @@ class ChatTokenizer:
                 raise TokenizerError(f"{directory}: missing {needed.name}")
         try:
             meta = json.loads(meta_file.read_text())
-            backend = Tokenizer.from_file(str(tok_file))
-        except Exception as err:
-            raise TokenizerError(f"{directory}: cannot read the saved tokenizer: {err}") from err
+        except json.JSONDecodeError as err:
+            raise TokenizerError(f"{meta_file}: invalid JSON at line {err.lineno}: {err.msg}") from err
         for key in ("eos_token_ids", "pad_token_id"):
             if key not in meta:
                 raise TokenizerError(f"{meta_file}: missing field {key!r}")
-        hf = PreTrainedTokenizerFast(
-            tokenizer_object=backend, chat_template=meta.get("chat_template"), **meta.get("special_tokens", {})
-        )
+        try:
+            # tokenizer_file (not tokenizer_object): loads once, without a deep copy.
+            hf = PreTrainedTokenizerFast(
+                tokenizer_file=str(tok_file), chat_template=meta.get("chat_template"),
+                **meta.get("special_tokens", {}),
+            )
+        except Exception as err:
+            raise TokenizerError(f"{tok_file}: cannot read the saved tokenizer: {err}") from err
         return cls(hf, meta["eos_token_ids"], meta["pad_token_id"])
 
     @classmethod

@@ -31,9 +31,8 @@ import re
 import shutil
 import tempfile
 import time
-from typing import Callable, Iterable, NamedTuple
+from typing import NamedTuple
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -56,6 +55,9 @@ __all__ = [
     "model_from_arrays",
     "SUPPORTED_GGUF_TYPES",
     "CHECKPOINT_CONFIG",
+    "expected_shapes",
+    "is_checkpoint_dir",
+    "gguf_arrays",
 ]
 
 CHECKPOINT_CONFIG = "align_jax_config.json"
@@ -92,9 +94,7 @@ class LoadedModel(NamedTuple):
 def _gguf_types() -> dict[str, int]:
     import gguf
 
-    names = ("F32", "F16", "BF16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0",
-             "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K")
-    return {name: int(getattr(gguf.GGMLQuantizationType, name)) for name in names}
+    return {name: int(getattr(gguf.GGMLQuantizationType, name)) for name in SUPPORTED_GGUF_TYPES}
 
 
 #: GGML tensor types this loader dequantizes (names as in ``gguf.GGMLQuantizationType``).
@@ -214,7 +214,9 @@ def config_from_gguf(reader, path, dtype: str = "float32") -> ModelConfig:
         raise WeightsError(f"{path}: unsupported RoPE scaling {arch}.rope.scaling.type={scaling!r}")
     tensors = {t.name: t for t in reader.tensors}
     if "rope_freqs.weight" in tensors:
-        raise WeightsError(f"{path}: tensor 'rope_freqs.weight' (Llama-3 style RoPE frequency scaling) is not supported")
+        raise WeightsError(
+            f"{path}: tensor 'rope_freqs.weight' (Llama-3 style RoPE frequency scaling) is not supported"
+        )
     if "token_embd.weight" not in tensors:
         raise WeightsError(f"{path}: tensor 'token_embd.weight' is missing")
     hidden = int(_meta(reader, f"{arch}.embedding_length", path))
@@ -613,7 +615,8 @@ def load_checkpoint(directory: str | os.PathLike, *, dtype: str | None = None) -
 # --------------------------------------------------------------------------- front door
 def _cached_checkpoint_dir(name: str, cache_dir) -> pathlib.Path:
     safe = re.sub(r"[^A-Za-z0-9_.-]", "_", name)
-    return registry.cache_root(cache_dir) / "checkpoints" / f"{safe}-{registry.source_fingerprint(name)}-c{_CONVERTER_VERSION}"
+    folder = f"{safe}-{registry.source_fingerprint(name)}-c{_CONVERTER_VERSION}"
+    return registry.cache_root(cache_dir) / "checkpoints" / folder
 
 
 def load_pretrained(name_or_path: str, *, dtype: str = "float32", cache_dir: str | None = None) -> LoadedModel:

@@ -127,8 +127,13 @@ def test_hidden_states_and_head_equal_model_call(arch):
 
 
 def test_prompt_bucket():
-    assert [prompt_bucket(n) for n in (1, 16, 17, 100, 128, 129)] == [16, 16, 32, 128, 128, 256]
-    assert prompt_bucket(3, minimum=1) == 4
+    assert [prompt_bucket(n) for n in (1, 16, 17, 24, 25, 100, 128, 129, 193)] == [
+        16, 16, 24, 24, 32, 128, 128, 192, 256]
+    assert [prompt_bucket(n, half_steps=False) for n in (1, 17, 100, 129)] == [16, 32, 128, 256]
+    assert [prompt_bucket(n, minimum=1) for n in (1, 2, 3, 5, 7)] == [1, 2, 3, 6, 8]
+    for n in range(1, 600):  # bucket covers the length and wastes at most half (a third above 16)
+        b = prompt_bucket(n)
+        assert n <= b and (b <= 16 or 3 * n > 2 * b - 3)
 
 
 # --------------------------------------------------------------------------- greedy / cache
@@ -181,8 +186,8 @@ def test_cached_decode_logprobs_equal_full_recompute(model, sampler):
 def test_left_padding_does_not_change_a_row(sampler):
     kw = dict(num_samples=2, max_new_tokens=8, temperature=1.0, eos_token_ids=())
     short = sampler.generate(PROMPTS, key=KEY, **kw)  # bucket 16
-    padded = sampler.generate([PROMPTS[0], list(range(2, 40)), PROMPTS[2]], key=KEY, **kw)  # bucket 64
-    # prompts 0 and 2 get 48 more pad slots and a different neighbour: same samples
+    padded = sampler.generate([PROMPTS[0], list(range(2, 40)), PROMPTS[2]], key=KEY, **kw)  # bucket 48
+    # prompts 0 and 2 get 32 more pad slots and a different neighbour: same samples
     for b in (0, 2):
         np.testing.assert_array_equal(short.tokens[b], padded.tokens[b])
         np.testing.assert_allclose(short.logprobs[b], padded.logprobs[b], atol=1e-5)

@@ -253,7 +253,8 @@ def test_hf_dir_errors(tmp_path):
     with pytest.raises(WeightsError, match="unsupported model_type='mistral'"):
         load_pretrained(str(tmp_path / "hf"))
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_attention_heads": 8}))
-    with pytest.raises(WeightsError, match=r"tensor 'model\.safetensors:model\.layers\.0\.self_attn\.[qo]_proj\.weight' "
+    with pytest.raises(WeightsError,
+                       match=r"tensor 'model\.safetensors:model\.layers\.0\.self_attn\.[qo]_proj\.weight' "
                                            r"has shape \(\d+, \d+\), expected"):
         load_pretrained(str(tmp_path / "hf"))
     (tmp_path / "hf" / "config.json").write_text('{"model_type": "llama",\n "vocab_size": 96,,}')
