@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from align_jax.runio import append_jsonl, atomic_write, read_jsonl
 from align_jax.config import ConfigError, FieldError, config_to_dict, load_config
 from align_jax.game.delegation import _play_batch
 from align_jax.game.scenarios import ScenarioParams, ScenarioSpec, sample, utility_correlation
@@ -273,39 +274,14 @@ _chunk = jax.jit(_chunk_impl, static_argnums=(0, 1, 2))
 
 
 def _read_done(path: Path) -> dict[str, dict]:
-    done = {}
-    if not path.exists():
-        return done
-    with open(path, encoding="utf-8") as handle:
-        for line in handle:
-            line = line.strip()
-            if not line:
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash: that point is redone
-            if "point_id" in row:
-                done[row["point_id"]] = row
-    return done
+    return {row["point_id"]: row for _, row in read_jsonl(path) if "point_id" in row}
 
 
 def _append_line(path: Path, row: dict) -> None:
-    data = (json.dumps(row, sort_keys=True) + "\n").encode()
-    # Start a fresh line if a crash left a partial one behind.
-    needs_newline = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-    with open(path, "ab") as handle:
-        if needs_newline:
-            handle.write(b"\n")
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    append_jsonl(path, [row])
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+_atomic_write = atomic_write
 
 
 def run_point(config: SimulateConfig, point: dict) -> dict:

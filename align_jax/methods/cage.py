@@ -67,6 +67,8 @@ import dataclasses
 import hashlib
 import itertools
 import json
+
+from align_jax.runio import append_jsonl, atomic_write
 import math
 import os
 import re
@@ -793,20 +795,10 @@ def _read_rows(path: Path) -> dict:
 
 
 def _append_rows(path: Path, rows: list) -> None:
-    data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in rows).encode()
-    needs_newline = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-    with open(path, "ab") as handle:
-        if needs_newline:
-            handle.write(b"\n")
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    append_jsonl(path, rows)
 
 
-def _atomic_write(path: Path, data: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(data, encoding="utf-8")
-    os.replace(tmp, path)
+_atomic_write = atomic_write
 
 
 def _build_objectives(config: AlignConfig, guide_loaded) -> list[Objective]:

@@ -34,6 +34,8 @@ import argparse
 import dataclasses
 import hashlib
 import json
+
+from align_jax.runio import append_jsonl, atomic_write
 import os
 import logging
 import time
@@ -352,20 +354,10 @@ def _read_rows(path: Path) -> dict[str, dict]:
 
 
 def _append_line(path: Path, row: dict) -> None:
-    data = (json.dumps(row, sort_keys=True) + "\n").encode()
-    needs_newline = path.exists() and path.stat().st_size > 0 and not path.read_bytes().endswith(b"\n")
-    with open(path, "ab") as handle:
-        if needs_newline:
-            handle.write(b"\n")
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
+    append_jsonl(path, [row])
 
 
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, path)
+_atomic_write = atomic_write
 
 
 # --------------------------------------------------------------------------------------
