@@ -135,6 +135,7 @@ class DecodeSpec:
       top_k: static top-k (None = off).
       num_candidates: candidate-set size C for top-p when ``top_k`` is None.
       full_vocab: whether some row samples from the full vocabulary (top_p == 1, no top_k).
+      all_greedy: every row has temperature 0 (token choice is a plain ``argmax``).
       eos_token_ids: ids that finish a row (empty with ``ignore_eos``).
       stop_token_sequences: token-id sequences that finish a row when generated.
       pad_token_id: id written after a row finished.
@@ -148,6 +149,7 @@ class DecodeSpec:
     top_k: int | None = None
     num_candidates: int = DEFAULT_NUM_CANDIDATES
     full_vocab: bool = True
+    all_greedy: bool = False
     eos_token_ids: tuple[int, ...] = ()
     stop_token_sequences: tuple[tuple[int, ...], ...] = ()
     pad_token_id: int = 0
@@ -239,39 +241,16 @@ class SampleOutput(NamedTuple):
 def hidden_states(model, tokens, positions, cache=None, cache_index=0, kv_mask=None):
     """The decoder's final-norm hidden states ``[B, L, D]`` (no LM head) and the cache.
 
-    Same masking contract as :meth:`Transformer.__call__`; it exists so prefill and
-    scoring can apply the LM head to only the positions they need instead of
-    materialising ``[B, L, V]`` float32 logits (5 GB for B=32, L=256 on a 152k vocab).
-    ``lm_head(model, hidden_states(...)[0]) == model(...)[0]`` is checked by the tests.
+    :meth:`Transformer.hidden_states`: prefill and scoring apply the LM head to only
+    the positions they need instead of materialising ``[B, L, V]`` float32 logits
+    (5 GB for B=32, L=256 on a 152k vocabulary).
     """
-    b, l = tokens.shape
-    cfg = model.config
-    h = model.embed_tokens(tokens)
-    cos, sin = model_lib.rope_tables(positions, cfg.head_dim, cfg.rope_theta)
-    cache_index = jnp.asarray(cache_index, jnp.int32)
-    query_pos = jnp.arange(l, dtype=jnp.int32)
-    if cache is not None:
-        slots = jnp.arange(cache.k.shape[2], dtype=jnp.int32)
-        mask = slots[None, :] <= (cache_index + query_pos)[:, None]
-    else:
-        mask = query_pos[None, :] <= query_pos[:, None]
-    mask = jnp.broadcast_to(mask[None], (b,) + mask.shape)
-    if kv_mask is not None:
-        mask = mask & kv_mask[:, None, :].astype(bool)
-    for i, layer in enumerate(model.layers):
-        h, cache = layer(h, cos, sin, mask, cache, i, cache_index)
-    return model.norm(h), cache
+    return model.hidden_states(tokens, positions, cache, cache_index, kv_mask)
 
 
 def lm_head(model, h):
-    """Float32 logits ``[..., V]`` for hidden states ``h [..., D]`` (tied or untied head)."""
-    if model.lm_head is None:
-        head = model.embed_tokens.embedding[...]  # [V, D]
-        logits = jnp.einsum("...d,vd->...v", h, head, preferred_element_type=jnp.float32)
-    else:
-        head = model.lm_head.kernel[...]  # [D, V]
-        logits = jnp.einsum("...d,dv->...v", h, head, preferred_element_type=jnp.float32)
-    return logits.astype(jnp.float32)
+    """Float32 logits ``[..., V]`` for hidden states ``h [..., D]`` (:meth:`Transformer.logits`)."""
+    return model.logits(h)
 
 
 def _left_pad_mask(prompt_lengths, bucket: int, num_slots: int):
@@ -293,7 +272,7 @@ def _prefill(graphdef, state, tokens, prompt_lengths, *, num_samples: int, max_n
     h, cache = hidden_states(model, tokens, positions, cache, 0, kv_mask)
     last_logits = lm_head(model, h[:, -1])
     if num_samples > 1:
-        cache = jax.tree.map(lambda x: jnp.repeat(x, num_samples, axis=1), cache)
+        cache = jax.tree.map(lambda x: jnp.repeat(x, num_samples, axis=0), cache)
         last_logits = jnp.repeat(last_logits, num_samples, axis=0)
     return cache, last_logits
 
@@ -320,8 +299,8 @@ def _decode(graphdef, state, cache, first_logits, prompt_lengths, key, temperatu
     TRACE_COUNTS["decode"] += 1
     model = nnx.merge(graphdef, state)
     rows = first_logits.shape[0]
-    bucket = cache.k.shape[2] - spec.max_new_tokens
-    num_slots = cache.k.shape[2]
+    bucket = cache.num_slots - spec.max_new_tokens
+    num_slots = cache.num_slots
     kv_mask = _left_pad_mask(prompt_lengths, bucket, num_slots)
     row_ids = jnp.arange(rows, dtype=jnp.int32)
     row_keys = jax.vmap(
@@ -338,6 +317,7 @@ def _decode(graphdef, state, cache, first_logits, prompt_lengths, key, temperatu
         sampled = sample_tokens(
             keys, processed, temperature, top_p, top_k=spec.top_k,
             num_candidates=spec.num_candidates, full_vocab=spec.full_vocab,
+            all_greedy=spec.all_greedy,
         )
         active = ~carry.done
         token = jnp.where(active, sampled.tokens, spec.pad_token_id)
@@ -533,7 +513,7 @@ class Sampler:
     # -- the two compiled stages -----------------------------------------------
 
     def prefill(self, batch: PreparedBatch):
-        """Run the prompts once; returns ``(KVCache [layers, R, S, Hkv, hd], logits f32 [R, V])``."""
+        """Run the prompts once; returns ``(KVCache per layer [R, Hkv, S, hd], logits f32 [R, V])``."""
         return _prefill(
             self.graphdef, self.state, jnp.asarray(batch.tokens), jnp.asarray(batch.prompt_lengths),
             num_samples=batch.num_samples, max_new_tokens=batch.max_new_tokens,
@@ -589,7 +569,7 @@ class Sampler:
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
         return DecodeSpec(
             max_new_tokens=batch.max_new_tokens, top_k=top_k, num_candidates=int(num_candidates),
-            full_vocab=full_vocab, eos_token_ids=eos, stop_token_sequences=sequences,
+            full_vocab=full_vocab, all_greedy=bool(np.all(batch.temperature <= 0)), eos_token_ids=eos, stop_token_sequences=sequences,
             pad_token_id=int(pad), logits_processor=logits_processor, processor_update=processor_update,
         )
 

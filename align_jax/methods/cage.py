@@ -332,7 +332,7 @@ class GuideState(NamedTuple):
 
     Attributes:
       params: the guide's weights (``nnx.State``; arguments of the jit, not constants).
-      cache: guide ``KVCache`` ``[layers, 2R, Sg, Hkv, hd]``.
+      cache: guide ``KVCache`` (per layer ``[2R, Hkv, Sg, hd]``).
       kv_mask: bool ``[2R, Sg]`` slots holding real tokens.
       positions: int32 ``[2R]`` RoPE position of the next guide token.
       next_slot: int32 ``[]`` first cache slot of the next write (shared by rows).

@@ -24,7 +24,7 @@ def run_model(model, tokens, positions, cache=None, cache_index=0, kv_mask=None)
 
     graphdef, state = nnx.split(model)
     if kv_mask is None:  # one trace for masked and unmasked calls
-        kv_mask = jax.numpy.ones((tokens.shape[0], tokens.shape[1] if cache is None else cache.k.shape[2]), bool)
+        kv_mask = jax.numpy.ones((tokens.shape[0], tokens.shape[1] if cache is None else cache.num_slots), bool)
     jnp = jax.numpy
     return jit_forward(
         graphdef, state, jnp.asarray(tokens, jnp.int32), jnp.asarray(positions, jnp.int32),

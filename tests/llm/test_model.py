@@ -131,10 +131,12 @@ def test_incremental_decode_equals_full_recompute(arch):
         chunks.append(logits)
     np.testing.assert_allclose(np.concatenate(chunks, axis=1), np.asarray(full), atol=2e-5)
     assert isinstance(cache, KVCache)
-    assert cache.k.shape == (config.num_layers, BATCH, CACHE_LEN, config.num_kv_heads, config.head_dim)
+    keys, _ = cache.stacked()
+    assert len(cache.k) == config.num_layers and cache.num_slots == CACHE_LEN and cache.batch_size == BATCH
+    assert keys.shape == (config.num_layers, BATCH, config.num_kv_heads, CACHE_LEN, config.head_dim)
     # slots past the written region are untouched zeros
-    assert float(jnp.abs(cache.k[:, :, FULL_LEN:]).max()) == 0.0
-    assert float(jnp.abs(cache.k[:, :, FULL_LEN - 1]).max()) > 0
+    assert float(jnp.abs(keys[:, :, :, FULL_LEN:]).max()) == 0.0
+    assert float(jnp.abs(keys[:, :, :, FULL_LEN - 1]).max()) > 0
 
 
 def test_cache_respects_kv_mask_and_future_slots():
@@ -168,7 +170,7 @@ def test_bfloat16_close_to_float32():
     assert l16.dtype == jnp.float32
     assert model16.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
     cache = init_cache(model16.config, BATCH, CACHE_LEN)
-    assert cache.k.dtype == jnp.bfloat16
+    assert all(k.dtype == jnp.bfloat16 for k in cache.k + cache.v)
     scale = float(jnp.abs(l32).max())
     assert float(jnp.abs(l16 - l32).max()) < 0.05 * scale
     assert float(jnp.abs(l16 - l32).max()) > 0  # really ran in lower precision

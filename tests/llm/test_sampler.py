@@ -11,7 +11,7 @@ import pytest
 from flax import nnx
 
 from align_jax.llm import sampler as sampler_lib
-from align_jax.llm.logits import ban_tokens, compose_processors, sample_tokens
+from align_jax.llm.logits import ban_tokens, compose_processors, sample_tokens, top_candidates
 from align_jax.llm.model import ModelConfig, Transformer, forward, init_cache
 from align_jax.llm.sampler import Sampler, hidden_states, lm_head, prompt_bucket
 
@@ -427,6 +427,33 @@ def test_top_p_uses_a_candidate_set_not_a_full_sort():
     assert set(np.unique(np.asarray(out.tokens))) == {0, 1, 2, 3}
     jaxpr = str(jax.make_jaxpr(fn)(keys, logits, jnp.ones(n), jnp.full((n,), 0.99)))
     assert "top_k[" in jaxpr and " sort[" not in jaxpr
+
+
+@pytest.mark.parametrize("vocab,count,block", [(10_000, 64, 512), (5_003, 7, 256), (300, 5, 64), (100, 8, 512)])
+def test_two_stage_top_candidates_equal_lax_top_k(vocab, count, block):
+    """The blocked two-stage top-C returns exactly lax.top_k's values, and ids holding them."""
+    logits = jax.random.normal(jax.random.key(vocab), (6, vocab)) * 3.0
+    logits = logits.at[1, vocab - 1].set(50.0).at[2, 0].set(40.0)  # maxima at both ends
+    logits = logits.at[3, :].set(jnp.round(logits[3] * 2) / 2)  # many ties
+    values, ids = jax.jit(functools.partial(top_candidates, count=count, block=block))(logits)
+    ref_values, _ = jax.lax.top_k(logits, count)
+    np.testing.assert_array_equal(np.asarray(values), np.asarray(ref_values))
+    got = np.take_along_axis(np.asarray(logits), np.asarray(ids), axis=-1)
+    np.testing.assert_array_equal(got, np.asarray(values))
+    assert all(len(set(row)) == count for row in np.asarray(ids).tolist())  # distinct ids
+    assert np.asarray(ids).min() >= 0 and np.asarray(ids).max() < vocab
+
+
+def test_all_greedy_fast_path_equals_general_path():
+    logits = jax.random.normal(jax.random.key(3), (16, 9000)).at[4, 7].set(100.0).at[4, 9].set(100.0)
+    keys = jax.random.split(jax.random.key(0), 16)
+    zeros, ones = jnp.zeros(16), jnp.ones(16)
+    general = sample_tokens(keys, logits, zeros, ones)
+    fast = sample_tokens(keys, logits, zeros, ones, all_greedy=True)
+    np.testing.assert_array_equal(np.asarray(general.tokens), np.asarray(fast.tokens))
+    assert int(fast.tokens[4]) == 7  # ties go to the lower id
+    jaxpr = str(jax.make_jaxpr(lambda l: sample_tokens(keys, l, zeros, ones, all_greedy=True))(logits))
+    assert "top_k[" not in jaxpr
 
 
 def test_sampler_end_to_end_frequencies(sampler):
