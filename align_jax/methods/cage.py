@@ -68,7 +68,7 @@ import hashlib
 import itertools
 import json
 
-from align_jax.runio import append_jsonl, atomic_write
+from align_jax.runio import append_jsonl, atomic_write, read_jsonl
 import math
 import os
 import re
@@ -783,15 +783,8 @@ def _settings_hash(config: AlignConfig) -> str:
 
 
 def _read_rows(path: Path) -> dict:
-    rows = {}
-    if path.exists():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash: that unit is redone
-            rows[row["key"]] = row
-    return rows
+    """Finished rows by key (a line cut by a crash is skipped: that unit is redone)."""
+    return {row["key"]: row for _, row in read_jsonl(path)}
 
 
 def _append_rows(path: Path, rows: list) -> None:

@@ -35,7 +35,7 @@ import dataclasses
 import hashlib
 import json
 
-from align_jax.runio import append_jsonl, atomic_write
+from align_jax.runio import append_jsonl, atomic_write, read_jsonl
 import os
 import logging
 import time
@@ -336,20 +336,12 @@ def method_names(config: ReasonConfig) -> list[str]:
 
 
 def _read_rows(path: Path) -> dict[str, dict]:
+    """Finished rows by question id (a line cut by a crash is skipped: its question is redone)."""
     rows: dict[str, dict] = {}
-    if not path.exists():
-        return rows
-    with open(path, encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut by a crash: its question is redone
-            if not isinstance(row, dict) or "question_id" not in row:
-                raise ConfigError(f"{path}:{line_number}: not a results row (no 'question_id')")
-            rows.setdefault(row["question_id"], row)
+    for line_number, row in read_jsonl(path):
+        if not isinstance(row, dict) or "question_id" not in row:
+            raise ConfigError(f"{path}:{line_number}: not a results row (no 'question_id')")
+        rows.setdefault(row["question_id"], row)
     return rows
 
 
