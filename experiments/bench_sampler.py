@@ -3,7 +3,12 @@
 For each batch size B, the first B GSM8K test questions go through the model's chat
 template; both implementations decode greedily exactly ``--new-tokens`` tokens per row
 (EOS ignored: ours ``ignore_eos=True``, torch ``min_new_tokens``) from the same token ids
-and the same (dequantised, float32) weights, copied into a ``transformers`` model.
+and the same (dequantised) weights, copied into a ``transformers`` model.
+
+Precision: the default compares float32 with float32. ``--param-dtype bfloat16
+--torch-dtype bfloat16`` compares our mixed-precision mode (bfloat16 weights, float32
+activations and KV cache, bfloat16 matmuls accumulated in float32) with torch's
+bfloat16 model (bfloat16 weights *and* activations) on the same bfloat16 weight values.
 
 Reported per B:
   * prefill tok/s: real prompt tokens / time of the prompt pass (ours: the jitted prefill;
@@ -20,6 +25,7 @@ Usage::
     python experiments/bench_sampler.py                               # qwen2.5-coder-0.5b, B = 1, 8, 32
     python experiments/bench_sampler.py --model smollm2-135m --batches 1,8 --new-tokens 64
     python experiments/bench_sampler.py --skip-torch --out /tmp/bench.json
+    python experiments/bench_sampler.py --param-dtype bfloat16 --torch-dtype bfloat16   # bf16 weights on both sides
 
 The machine is shared: the script prints the 1-minute load average before and after each
 measurement so disturbed figures can be recognised and re-run.
@@ -182,7 +188,12 @@ def main(argv=None) -> int:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=1, help="timed repetitions after the compile call (min taken)")
     parser.add_argument("--data-dir", default=os.environ.get("ALIGN_JAX_DATA", "/work/shared/data"))
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="our dtype (torch: float32)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="our activation / KV-cache dtype")
+    parser.add_argument("--param-dtype", default=None, choices=["float32", "bfloat16"],
+                        help="our weight dtype (default: --dtype); bfloat16 with --dtype float32 is mixed precision")
+    parser.add_argument("--torch-dtype", default="float32", choices=["float32", "bfloat16"],
+                        help="dtype of the torch reference model")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--compilation-cache", action="store_true",
                         help="use the persistent compilation cache (then 'compile' may be a cache load)")
@@ -199,11 +210,12 @@ def main(argv=None) -> int:
     header = dict(
         jax=jax.__version__, device=str(jax.devices()[0]), backend=jax.default_backend(),
         cpu_count=os.cpu_count(), platform=platform.platform(), python=sys.version.split()[0],
-        model=args.model, dtype=args.dtype, new_tokens=args.new_tokens, reps=args.reps,
+        model=args.model, dtype=args.dtype, param_dtype=args.param_dtype or args.dtype,
+        torch_dtype=args.torch_dtype, new_tokens=args.new_tokens, reps=args.reps,
         compilation_cache=bool(args.compilation_cache),
     )
     t0 = time.perf_counter()
-    loaded = load_pretrained(args.model, dtype=args.dtype)
+    loaded = load_pretrained(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
     header["load_s"] = time.perf_counter() - t0
     tok = loaded.tokenizer
     questions = load_questions(args.data_dir, max(batches))
@@ -212,7 +224,7 @@ def main(argv=None) -> int:
         for q in questions
     ]
     print(f"jax {jax.__version__} on {header['device']} ({header['cpu_count']} CPUs); model {args.model} "
-          f"({args.dtype}, loaded in {header['load_s']:.1f}s); load avg {os.getloadavg()[0]:.2f}", flush=True)
+          f"(dtype {args.dtype}, weights {header['param_dtype']}, loaded in {header['load_s']:.1f}s); load avg {os.getloadavg()[0]:.2f}", flush=True)
 
     sampler = Sampler(loaded)
     rows = []
@@ -235,8 +247,11 @@ def main(argv=None) -> int:
         header["torch"] = torch.__version__
         header["transformers"] = transformers.__version__
         header["torch_threads"] = torch.get_num_threads()
+        # Same weight values as ours (bfloat16 weights are exact in float32); then torch's dtype.
         tmodel = torch_model_from_ours(loaded) if args.dtype == "float32" else torch_model_from_ours(
-            load_pretrained(args.model, dtype="float32"))
+            load_pretrained(args.model, dtype="float32", param_dtype=args.param_dtype))
+        if args.torch_dtype == "bfloat16":
+            tmodel = tmodel.to(torch.bfloat16)
         for row, our_tokens in rows:
             b = row["batch"]
             load_before = os.getloadavg()[0]

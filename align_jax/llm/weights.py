@@ -126,7 +126,7 @@ def model_from_arrays(
     """Build a :class:`Transformer` from ``{flat parameter name: array}`` without random init.
 
     Args:
-      config: the model shape; arrays are cast to ``config.dtype``.
+      config: the model shape; arrays are cast to ``config.param_dtype`` (else ``config.dtype``).
       arrays: one entry per parameter (``layers.0.self_attn.q_proj.kernel`` ...).
       source: file/dir named in error messages.
       names: optional ``{flat name: name in the source file}`` for error messages.
@@ -136,7 +136,7 @@ def model_from_arrays(
     """
     names = names or {}
     graphdef, state = _abstract_model(config)
-    dtype = config.jnp_dtype
+    dtype = config.jnp_param_dtype
     new_flat = []
     for path, var in nnx.to_flat_state(state):
         key = _flat_path(path)
@@ -362,10 +362,11 @@ def gguf_arrays(reader, config: ModelConfig, path, *, num_threads: int | None = 
     return arrays, names
 
 
-def load_gguf(path: str | os.PathLike, *, dtype: str = "float32") -> LoadedModel:
+def load_gguf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None) -> LoadedModel:
     """Load a ``.gguf`` file: dequantized weights, config and tokenizer from its metadata."""
     path = pathlib.Path(path).expanduser()
     arrays, names, config, tokenizer = _convert_gguf(path, dtype)
+    config = config.replace(param_dtype=param_dtype)
     model = model_from_arrays(config, arrays, str(path), names)
     return LoadedModel(config, model, tokenizer, str(path))
 
@@ -466,7 +467,7 @@ def _hf_target(name: str) -> tuple[str, bool] | None:
     return None
 
 
-def load_hf_dir(path: str | os.PathLike, *, dtype: str = "float32") -> LoadedModel:
+def load_hf_dir(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None) -> LoadedModel:
     """Load a Hugging Face model directory: ``config.json``, ``*.safetensors``, tokenizer files."""
     from safetensors import safe_open
 
@@ -478,7 +479,7 @@ def load_hf_dir(path: str | os.PathLike, *, dtype: str = "float32") -> LoadedMod
         config_json = json.loads(config_file.read_text())
     except json.JSONDecodeError as err:
         raise WeightsError(f"{config_file}: invalid JSON at line {err.lineno}: {err.msg}") from err
-    config = config_from_hf(config_json, config_file, dtype)
+    config = config_from_hf(config_json, config_file, dtype).replace(param_dtype=param_dtype)
     files = sorted(path.glob("*.safetensors"))
     if not files:
         raise WeightsError(f"{path}: no *.safetensors weight files in this directory")
@@ -574,8 +575,10 @@ def is_checkpoint_dir(path: str | os.PathLike) -> bool:
     return (pathlib.Path(path) / CHECKPOINT_CONFIG).is_file()
 
 
-def load_checkpoint(directory: str | os.PathLike, *, dtype: str | None = None) -> LoadedModel:
-    """Load a checkpoint written by :func:`save_checkpoint`; ``dtype`` overrides the stored one."""
+def load_checkpoint(directory: str | os.PathLike, *, dtype: str | None = None,
+                    param_dtype: str | None = None) -> LoadedModel:
+    """Load a checkpoint written by :func:`save_checkpoint`; ``dtype`` / ``param_dtype``
+    override the stored ones (``dtype`` alone resets ``param_dtype`` to follow it)."""
     from safetensors.numpy import load_file
 
     directory = pathlib.Path(directory).expanduser()
@@ -596,7 +599,9 @@ def load_checkpoint(directory: str | os.PathLike, *, dtype: str | None = None) -
     except (KeyError, TypeError, ValueError) as err:
         raise WeightsError(f"{config_file}: field 'model_config' is invalid: {err}") from err
     if dtype is not None:
-        config = config.replace(dtype=dtype)
+        config = config.replace(dtype=dtype, param_dtype=None)
+    if param_dtype is not None:
+        config = config.replace(param_dtype=param_dtype)
     weights_file = directory / CHECKPOINT_WEIGHTS
     if not weights_file.is_file():
         raise WeightsError(f"{directory}: missing {CHECKPOINT_WEIGHTS}")
@@ -619,12 +624,16 @@ def _cached_checkpoint_dir(name: str, cache_dir) -> pathlib.Path:
     return registry.cache_root(cache_dir) / "checkpoints" / folder
 
 
-def load_pretrained(name_or_path: str, *, dtype: str = "float32", cache_dir: str | None = None) -> LoadedModel:
+def load_pretrained(name_or_path: str, *, dtype: str = "float32", param_dtype: str | None = None,
+                    cache_dir: str | None = None) -> LoadedModel:
     """Load a model by short name, ``.gguf`` file, Hugging Face dir or our checkpoint dir.
 
     Short names (``registry.MODELS``) are converted from their GGUF once and cached as
     float32 checkpoints under ``cache_dir`` / ``$ALIGN_JAX_CACHE`` / ``~/.cache/align_jax``;
     ``dtype`` is applied when loading, so one cached conversion serves every dtype.
+    ``param_dtype="bfloat16"`` (with ``dtype="float32"``) keeps bfloat16 weights and float32
+    activations: the fast mixed-precision mode on CPUs with bfloat16 matrix units
+    (see :mod:`align_jax.llm.model`).
 
     Raises:
       WeightsError: any problem with the files (named in the message).
@@ -633,6 +642,9 @@ def load_pretrained(name_or_path: str, *, dtype: str = "float32", cache_dir: str
     """
     if dtype not in ("float32", "bfloat16"):
         raise WeightsError(f"load_pretrained: dtype={dtype!r} is not supported; use 'float32' or 'bfloat16'")
+    if param_dtype not in (None, "float32", "bfloat16"):
+        raise WeightsError(f"load_pretrained: param_dtype={param_dtype!r} is not supported; "
+                           "use None, 'float32' or 'bfloat16'")
     if registry.is_registered(name_or_path):
         target = _cached_checkpoint_dir(name_or_path, cache_dir)
         if not is_checkpoint_dir(target):
@@ -641,19 +653,19 @@ def load_pretrained(name_or_path: str, *, dtype: str = "float32", cache_dir: str
             model = model_from_arrays(config, arrays, str(gguf_path), names)
             del arrays
             save_checkpoint(target, model, tokenizer, source=str(gguf_path))
-            if dtype == "float32":
+            if dtype == "float32" and param_dtype in (None, "float32"):
                 return LoadedModel(config, model, tokenizer, str(target))
             del model
-        return load_checkpoint(target, dtype=dtype)
+        return load_checkpoint(target, dtype=dtype, param_dtype=param_dtype)
     path = pathlib.Path(name_or_path).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
             raise WeightsError(f"{path}: expected a .gguf file, a model directory or one of {sorted(registry.MODELS)}")
-        return load_gguf(path, dtype=dtype)
+        return load_gguf(path, dtype=dtype, param_dtype=param_dtype)
     if path.is_dir():
         if is_checkpoint_dir(path):
-            return load_checkpoint(path, dtype=dtype)
-        return load_hf_dir(path, dtype=dtype)
+            return load_checkpoint(path, dtype=dtype, param_dtype=param_dtype)
+        return load_hf_dir(path, dtype=dtype, param_dtype=param_dtype)
     raise WeightsError(
         f"{name_or_path!r} is neither a known model name ({', '.join(sorted(registry.MODELS))}) "
         "nor an existing .gguf file or model directory"

@@ -105,6 +105,7 @@ __all__ = [
     "make_processor",
     "init_cage_state",
     "decode_with_method",
+    "decode_weight_grid",
     "check_weights",
     "AlignConfig",
     "load_align_config",
@@ -496,7 +497,8 @@ class CageState(NamedTuple):
     compiled decode serves a whole weight sweep.
 
     Attributes:
-      weights: float32 ``[J]`` trade-off weights ``w >= 0``.
+      weights: float32 ``[R, J]`` trade-off weights ``w >= 0``, one vector per row (so one
+        decode can sweep a whole weight grid: row ``b W + w`` carries grid point ``w``).
       tau: float32 ``[]`` KL temperature (``cage`` and ``linear``).
       beta: float32 ``[]`` reward scale of ``args``.
       base_temperature: float32 ``[]``: ``pi0 = softmax(logits / base_temperature)``.
@@ -526,13 +528,23 @@ def check_weights(weights, num_objectives: int, field: str = "weights") -> np.nd
 
 def init_cage_state(objectives: Sequence[Objective], ctx: DecodeContext, weights, *, tau: float = 1.0,
                     beta: float = 1.0, base_temperature: float = 1.0) -> CageState:
-    """Validated initial :class:`CageState` (host side; every objective's ``init_state`` runs here)."""
-    w = check_weights(weights, len(objectives))
+    """Validated initial :class:`CageState` (host side; every objective's ``init_state`` runs here).
+
+    ``weights``: one J-vector for every row, or ``[R, J]`` (R = ``ctx.num_rows``), one per row.
+    """
+    rows = ctx.num_rows
+    w = np.asarray(weights, dtype=np.float64)
+    if w.ndim == 2:
+        if w.shape[0] != rows:
+            raise GameInputError(f"weights: {w.shape[0]} weight vectors for {rows} rows", field="weights")
+        w = np.stack([check_weights(row, len(objectives), field=f"weights[{r}]") for r, row in enumerate(w)])
+    else:
+        w = np.broadcast_to(check_weights(weights, len(objectives)), (rows, len(objectives)))
     for name, value in (("tau", tau), ("beta", beta), ("base_temperature", base_temperature)):
         if not (math.isfinite(float(value)) and float(value) > 0):
             raise GameInputError(f"{name}: must be > 0 and finite, got {value}", field=name)
     return CageState(
-        weights=jnp.asarray(w), tau=jnp.asarray(tau, jnp.float32), beta=jnp.asarray(beta, jnp.float32),
+        weights=jnp.asarray(w, jnp.float32), tau=jnp.asarray(tau, jnp.float32), beta=jnp.asarray(beta, jnp.float32),
         base_temperature=jnp.asarray(base_temperature, jnp.float32),
         objective_states=tuple(obj.init_state(ctx) for obj in objectives),
     )
@@ -569,13 +581,14 @@ def make_processor(objectives: Sequence[Objective], *, method: str = "cage", top
         cand_logits, cand_ids = jax.lax.top_k(scaled, top_m)  # [R, M]
         q = jnp.stack([obj.values(s, cand_ids, step) for obj, s in zip(objectives, state.objective_states)],
                       axis=1).astype(jnp.float32)  # [R, J, M]
+        weights = jnp.broadcast_to(state.weights, (logits.shape[0], len(objectives)))  # [R, J]
         if method == "cage":
-            solve = lambda b, o: solve_equilibrium(b, o, state.weights, state.tau, config=solver_config)  # noqa: E731
-            log_policy = jax.vmap(solve)(cand_logits, q).log_policy
+            solve = lambda b, o, w: solve_equilibrium(b, o, w, state.tau, config=solver_config)  # noqa: E731
+            log_policy = jax.vmap(solve)(cand_logits, q, weights).log_policy
         elif method == "linear":
-            log_policy = linear_mixing_logits(cand_logits, q, state.weights, state.tau)
+            log_policy = linear_mixing_logits(cand_logits, q, weights, state.tau)
         else:
-            scores = reward_guided_logits(cand_logits, q, state.weights, state.beta)
+            scores = reward_guided_logits(cand_logits, q, weights, state.beta)
             best = jnp.argmax(scores, axis=-1)
             log_policy = jnp.where(jnp.arange(top_m)[None, :] == best[:, None], 0.0, -jnp.inf)
         rows = jnp.arange(logits.shape[0])[:, None]
@@ -610,6 +623,28 @@ def decode_with_method(sampler, objectives, processors: dict, conversations, *, 
                                  max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0,
                                  logits_processor=processor, processor_update=update,
                                  processor_state=state)
+
+
+def decode_weight_grid(sampler, objectives, processors, conversations, *, method: str, weight_grid,
+                       key, max_new_tokens: int, tau: float = 1.0, beta: float = 1.0,
+                       temperature: float = 1.0):
+    """Decode B conversations once per weight vector of ``weight_grid [W, J]``, in one call.
+
+    Every prompt is prefilled once and its W rows (``row = b W + w``, weights
+    ``weight_grid[w]``) decode together: one compiled program and one batch of
+    ``B W`` rows serve the whole sweep. Row ``(b, w)`` draws from the key
+    ``fold_in(fold_in(key, b), w)`` (the sampler's per-sample keys), so its tokens do
+    not depend on the other grid points.  Returns the sampler's ``SampleOutput`` with
+    the grid on the sample axis (``tokens [B, W, T]``, ``text[b][w]``).
+    """
+    grid = np.asarray(weight_grid, dtype=np.float64)
+    if grid.ndim != 2 or grid.shape[0] < 1:
+        raise GameInputError(f"weight_grid: expected [W, J] weight vectors, got shape {grid.shape}",
+                             field="weight_grid")
+    per_row = np.tile(grid, (len(conversations), 1))  # row b W + w -> grid[w]
+    return decode_with_method(sampler, objectives, processors, conversations, method=method, weights=per_row,
+                              key=key, max_new_tokens=max_new_tokens, num_samples=grid.shape[0], tau=tau,
+                              beta=beta, temperature=temperature)
 
 
 # ----------------------------------------------------------------------------
@@ -681,6 +716,11 @@ class AlignConfig:
       best_of_n: N samples for ``best_of_n`` (the first one is the ``base`` output).
       max_guide_tokens: L guide ids per base token.
       phrases: answer phrases of the ``format`` objective.
+      batch_questions: questions per decode call; each call decodes all of its questions
+        for every weight vector at once (``batch_questions x len(weights)`` rows), so this
+        bounds memory (the guide's cache holds ``2 x rows x (prompt + L T)`` slots).
+      param_dtype: weight dtype of both models (None = float32; ``bfloat16`` is the
+        mixed-precision mode of :mod:`align_jax.llm.model`).
       output_dir: where run directories go.
     """
 
@@ -707,6 +747,8 @@ class AlignConfig:
     best_of_n: int = 4
     max_guide_tokens: int = 4
     phrases: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_PHRASES))
+    batch_questions: int = 8
+    param_dtype: Optional[str] = None
     output_dir: str = "runs"
 
     def __post_init__(self):
@@ -737,7 +779,9 @@ class AlignConfig:
             value = getattr(self, name)
             if not (math.isfinite(value) and value > 0):
                 raise FieldError(name, f"must be > 0 and finite, got {value}")
-        for name in ("num_questions", "max_new_tokens", "best_of_n", "max_guide_tokens"):
+        if self.param_dtype not in (None, "float32", "bfloat16"):
+            raise FieldError("param_dtype", f"must be float32 or bfloat16 (or omitted), got {self.param_dtype!r}")
+        for name in ("num_questions", "max_new_tokens", "best_of_n", "max_guide_tokens", "batch_questions"):
             if getattr(self, name) < 1:
                 raise FieldError(name, f"must be >= 1, got {getattr(self, name)}")
         if self.offset < 0:
@@ -807,9 +851,10 @@ def _build_objectives(config: AlignConfig, guide_loaded) -> list[Objective]:
     return out
 
 
-def _completions(output, num_prompts: int, sample: int = 0) -> list[Completion]:
-    return [Completion(b, output.tokens[b, sample, : output.lengths[b, sample]].tolist(), output.text[b][sample])
-            for b in range(num_prompts)]
+def _completions(output, num_prompts: int, sample: int = 0, offset: int = 0) -> list[Completion]:
+    """Sample ``sample`` of each of the call's prompts; ``prompt_index`` is ``offset + b`` (global)."""
+    return [Completion(offset + b, output.tokens[b, sample, : output.lengths[b, sample]].tolist(),
+                       output.text[b][sample]) for b in range(num_prompts)]
 
 
 def run_align(config: AlignConfig, *, progress: bool = True, figures: bool = True,
@@ -826,13 +871,14 @@ def run_align(config: AlignConfig, *, progress: bool = True, figures: bool = Tru
 
     problems = datasets.load_dataset(config.dataset, config.split, config.data_dir,
                                      limit=config.num_questions, offset=config.offset)
-    base = base if base is not None else load_pretrained(config.base_model)
+    base = base if base is not None else load_pretrained(config.base_model, param_dtype=config.param_dtype)
     vocab = base.config.vocab_size
     if config.top_m > vocab:
         raise _config_error(config, "top_m", f"{config.top_m} candidate tokens is larger than the base "
                                              f"model's vocabulary size {vocab}")
     if "guide" in config.objectives and guide is None:
-        guide = base if config.guide_model == config.base_model else load_pretrained(config.guide_model)
+        guide = base if config.guide_model == config.base_model else load_pretrained(
+            config.guide_model, param_dtype=config.param_dtype)
     objectives = _build_objectives(config, guide)
     sampler = Sampler(base)
     convs = tuple([{"role": "system", "content": config.system_prompt}, {"role": "user", "content": p.question}]
@@ -868,30 +914,35 @@ def run_align(config: AlignConfig, *, progress: bool = True, figures: bool = Tru
             rows.append(row)
         return rows
 
+    # A unit is one decode call: the base samples of a chunk of questions, or one processor
+    # method on a chunk for every weight vector at once (see `decode_weight_grid`).
+    chunk = config.batch_questions
+    starts = list(range(0, len(problems), chunk))
     units = []
     if "base" in config.methods or "best_of_n" in config.methods:
-        units.append(("sampled", None))
-    units += [(m, i) for i in range(len(config.weights)) for m in PROCESSOR_METHODS if m in config.methods]
+        units += [("sampled", c) for c in starts]
+    units += [(m, c) for m in PROCESSOR_METHODS if m in config.methods for c in starts]
     t_start = time.perf_counter()
-    for unit_index, (method, w_index) in enumerate(units):
-        keys_needed = []
+    for unit_index, (method, c0) in enumerate(units):
+        part = problems[c0:c0 + chunk]
+        part_convs = convs[c0:c0 + chunk]
         if method == "sampled":
-            for m in ("base", "best_of_n"):
-                if m in config.methods:
-                    idx = [None] if m == "base" else range(len(config.weights))
-                    keys_needed += [f"{m}|{i if i is not None else '-'}|{p.id}" for i in idx for p in problems]
+            keys_needed = ([f"base|-|{p.id}" for p in part] if "base" in config.methods else [])
+            if "best_of_n" in config.methods:
+                keys_needed += [f"best_of_n|{i}|{p.id}" for i in range(len(config.weights)) for p in part]
         else:
-            keys_needed = [f"{method}|{w_index}|{p.id}" for p in problems]
+            keys_needed = [f"{method}|{i}|{p.id}" for i in range(len(config.weights)) for p in part]
         if all(k in done for k in keys_needed):
             continue
         t0 = time.perf_counter()
         if method == "sampled":
             n = config.best_of_n if "best_of_n" in config.methods else 1
-            output = decode_with_method(sampler, objectives, processors, convs, method="base", weights=None,
-                                        key=jax.random.fold_in(root, 0), max_new_tokens=config.max_new_tokens,
-                                        num_samples=n, temperature=config.temperature)
+            output = decode_with_method(sampler, objectives, processors, part_convs, method="base", weights=None,
+                                        key=jax.random.fold_in(jax.random.fold_in(root, 0), c0),
+                                        max_new_tokens=config.max_new_tokens, num_samples=n,
+                                        temperature=config.temperature)
             wall = time.perf_counter() - t0
-            per_sample = [_completions(output, len(problems), k) for k in range(n)]
+            per_sample = [_completions(output, len(part), k, c0) for k in range(n)]
             scores = np.stack([np.stack([o.sequence_scores(cs, ctx) for o in objectives], axis=1)
                                for cs in per_sample], axis=1)  # [B, N, J]
             rows = []
@@ -900,22 +951,26 @@ def run_align(config: AlignConfig, *, progress: bool = True, figures: bool = Tru
             if "best_of_n" in config.methods:
                 for i, w in enumerate(config.weights):
                     pick = np.argmax(scores @ np.asarray(w, np.float64), axis=1)  # [B]
-                    chosen = [per_sample[int(pick[b])][b] for b in range(len(problems))]
-                    rows += score_rows("best_of_n", i, w, chosen, wall, {"picked_sample": None})
-                    for r, b in zip(rows[-len(problems):], range(len(problems))):
+                    chosen = [per_sample[int(pick[b])][b] for b in range(len(part))]
+                    rows += score_rows("best_of_n", i, w, chosen, wall)
+                    for r, b in zip(rows[-len(part):], range(len(part))):
                         r["picked_sample"] = int(pick[b])
         else:
-            w = config.weights[w_index]
-            output = decode_with_method(sampler, objectives, processors, convs, method=method, weights=w,
-                                        key=jax.random.fold_in(root, 1 + w_index), tau=config.tau,
-                                        beta=config.beta, max_new_tokens=config.max_new_tokens,
+            method_key = jax.random.fold_in(root, 1 + PROCESSOR_METHODS.index(method))
+            output = decode_weight_grid(sampler, objectives, processors, part_convs, method=method,
+                                        weight_grid=config.weights, key=jax.random.fold_in(method_key, c0),
+                                        tau=config.tau, beta=config.beta, max_new_tokens=config.max_new_tokens,
                                         temperature=config.temperature)
-            rows = score_rows(method, w_index, w, _completions(output, len(problems)), time.perf_counter() - t0)
+            wall = time.perf_counter() - t0
+            rows = []
+            for i, w in enumerate(config.weights):
+                rows += score_rows(method, i, w, _completions(output, len(part), i, c0), wall,
+                                   {"unit_rows": len(part) * len(config.weights)})
         rows = [r for r in rows if r["key"] not in done]
         _append_rows(results_path, rows)
         done.update({r["key"]: r for r in rows})
         if progress:
-            print(f"[{unit_index + 1}/{len(units)}] {method} w={config.weights[w_index] if w_index is not None else '-'}"
+            print(f"[{unit_index + 1}/{len(units)}] {method} questions {c0}..{c0 + len(part) - 1}"
                   f" {time.perf_counter() - t0:.1f}s", flush=True)
 
     summary = _summarise(config, objectives, list(done.values()))

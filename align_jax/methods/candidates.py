@@ -340,11 +340,14 @@ class ModelPool:
 
     Args:
       dtype: ``"float32"`` or ``"bfloat16"`` for ``load_pretrained``.
+      param_dtype: weight dtype for ``load_pretrained`` (None = ``dtype``).
       preloaded: optional ``{name: LoadedModel}`` used instead of loading (tests).
     """
 
-    def __init__(self, dtype: str = "float32", preloaded: Optional[Mapping[str, object]] = None):
+    def __init__(self, dtype: str = "float32", preloaded: Optional[Mapping[str, object]] = None,
+                 param_dtype: Optional[str] = None):
         self.dtype = dtype
+        self.param_dtype = param_dtype
         self._loaded: dict[str, object] = dict(preloaded or {})
         self._samplers: dict[str, object] = {}
         self._split: dict[str, tuple] = {}
@@ -354,7 +357,7 @@ class ModelPool:
         if name not in self._loaded:
             from align_jax.llm.weights import load_pretrained
 
-            self._loaded[name] = load_pretrained(name, dtype=self.dtype)
+            self._loaded[name] = load_pretrained(name, dtype=self.dtype, param_dtype=self.param_dtype)
         return self._loaded[name]
 
     def tokenizer(self, name: str):

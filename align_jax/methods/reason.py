@@ -222,7 +222,9 @@ class ReasonConfig:
       greedy: also run greedy CoT per agent.
       debate: :class:`DebateSection`.
       bootstrap_samples: resamples for the 95% intervals.
-      dtype: model dtype (``float32`` or ``bfloat16``).
+      dtype: activation / KV-cache dtype (``float32`` or ``bfloat16``).
+      param_dtype: weight dtype (None = ``dtype``); ``bfloat16`` with ``dtype: float32`` is
+        the mixed-precision mode, about 2x faster on CPUs with bfloat16 matrix units.
       output_dir: parent of run directories.
     """
 
@@ -242,6 +244,7 @@ class ReasonConfig:
     debate: DebateSection = dataclasses.field(default_factory=DebateSection)
     bootstrap_samples: int = 2000
     dtype: str = "float32"
+    param_dtype: Optional[str] = None
     output_dir: str = "runs"
 
     def __post_init__(self):
@@ -265,6 +268,8 @@ class ReasonConfig:
             raise FieldError("bootstrap_samples", f"must be >= 1, got {self.bootstrap_samples}")
         if self.dtype not in _DTYPES:
             raise FieldError("dtype", f"must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
+        if self.param_dtype is not None and self.param_dtype not in _DTYPES:
+            raise FieldError("param_dtype", f"must be one of {', '.join(_DTYPES)} (or omitted), got {self.param_dtype!r}")
         spec = _dataset_spec(self.dataset)
         if self.split not in spec.files:
             raise FieldError("split", f"dataset {spec.name!r} has no split {self.split!r}; available: {', '.join(spec.files)}")
@@ -568,7 +573,7 @@ def run_reason(config: ReasonConfig, *, progress: bool = True, figures: bool = T
             )
     _atomic_write(out / "config.json", json.dumps(config_to_dict(config), indent=2, sort_keys=True))
     agents = _agent_specs(config)
-    pool = pool if pool is not None else ModelPool(dtype=config.dtype)
+    pool = pool if pool is not None else ModelPool(dtype=config.dtype, param_dtype=config.param_dtype)
     base_key = jax.random.key(config.seed)
     b = config.batch_questions
     windows = [problems[j:j + b] for j in range(0, len(problems), b)]

@@ -176,6 +176,39 @@ def test_bfloat16_close_to_float32():
     assert float(jnp.abs(l16 - l32).max()) > 0  # really ran in lower precision
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_mixed_precision_equals_float32_model_of_rounded_weights(arch):
+    """param_dtype=bfloat16: bf16 weights, f32 activations and cache; == the f32 model of the
+    same (bf16-rounded) weights up to the bf16 rounding of the matmul inputs."""
+    config = make_tiny_config(arch)
+    rounded = Transformer(config, rngs=nnx.Rngs(5))
+    nnx.update(rounded, jax.tree.map(lambda x: x.astype(jnp.bfloat16).astype(jnp.float32), nnx.state(rounded)))
+    mixed = Transformer(config.replace(param_dtype="bfloat16"), rngs=nnx.Rngs(0))
+    nnx.update(mixed, jax.tree.map(lambda x: x.astype(jnp.bfloat16), nnx.state(rounded)))
+    assert mixed.layers[0].mlp.up_proj.kernel[...].dtype == jnp.bfloat16
+    assert all(k.dtype == jnp.float32 for k in init_cache(mixed.config, 1, 4).k)
+    for batch, length in ((1, 1), (BATCH, FULL_LEN)):  # 1 row: the padded-rows path of `matmul`
+        tokens = jax.random.randint(jax.random.key(1), (batch, length), 0, config.vocab_size)
+        positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+        ref, _ = run_model(rounded, tokens, positions)
+        out, _ = run_model(mixed, tokens, positions)
+        assert out.dtype == jnp.float32 and out.shape == ref.shape
+        err = float(jnp.abs(out - ref).max())
+        assert 0 < err < 0.02 * float(jnp.abs(ref).max()), err
+
+
+@pytest.mark.parametrize("rows", [1, 3, 8, 13])
+def test_mixed_matmul_pads_rows_and_accumulates_in_float32(rows):
+    from align_jax.llm.model import matmul
+
+    x = jax.random.normal(jax.random.key(0), (rows, 1, 24))
+    w = jax.random.normal(jax.random.key(1), (24, 40)).astype(jnp.bfloat16)
+    out = matmul(x, w)
+    assert out.shape == (rows, 1, 40) and out.dtype == jnp.float32
+    expect = np.asarray(x.astype(jnp.bfloat16), np.float64)[:, 0] @ np.asarray(w, np.float64)
+    np.testing.assert_allclose(np.asarray(out)[:, 0], expect, rtol=1e-5, atol=1e-5)
+
+
 def test_forward_jit_does_not_retrace_for_new_weights_or_cache_index():
     config = make_tiny_config("llama")
     graphdef, state = nnx.split(Transformer(config, rngs=nnx.Rngs(6)))

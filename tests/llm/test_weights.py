@@ -123,6 +123,11 @@ def test_checkpoint_roundtrip(tiny_pair, tmp_path):
     half = load_checkpoint(target, dtype="bfloat16")
     assert half.config.dtype == "bfloat16"
     assert half.model.embed_tokens.embedding[...].dtype == jnp.bfloat16
+    mixed = load_pretrained(str(target), param_dtype="bfloat16")
+    assert (mixed.config.dtype, mixed.config.param_dtype) == ("float32", "bfloat16")
+    assert mixed.model.layers[0].self_attn.q_proj.kernel[...].dtype == jnp.bfloat16
+    with pytest.raises(WeightsError, match="param_dtype='float16' is not supported"):
+        load_pretrained(str(target), param_dtype="float16")
     # overwrite an existing checkpoint atomically
     save_checkpoint(target, half.model, half.tokenizer)
     assert load_checkpoint(target).config.dtype == "bfloat16"

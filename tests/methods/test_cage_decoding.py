@@ -118,6 +118,28 @@ def test_brevity_weight_shortens_generated_outputs(models):
     assert lengths[4.0] < 0.6 * lengths[0.0], lengths
 
 
+@pytest.mark.parametrize("method", ["cage", "linear"])
+def test_weight_grid_rows_carry_their_own_weights(models, method):
+    """One decode over a weight grid: row (b, w) uses grid[w] and does not depend on the other points."""
+    base, _ = models
+    sampler = Sampler(base)
+    objs = [cage.BrevityObjective(), cage.FormatObjective()]
+    procs = {method: cage.make_processor(objs, method=method, top_m=VOCAB, vocab_size=VOCAB)}
+    convs = CONVS * 3
+    kw = dict(method=method, key=jax.random.key(4), max_new_tokens=16)
+    mixed = cage.decode_weight_grid(sampler, objs, procs, convs, weight_grid=[[0.0, 0.0], [6.0, 0.0]], **kw)
+    short = cage.decode_weight_grid(sampler, objs, procs, convs, weight_grid=[[6.0, 0.0], [6.0, 0.0]], **kw)
+    free = cage.decode_weight_grid(sampler, objs, procs, convs, weight_grid=[[0.0, 0.0], [0.0, 0.0]], **kw)
+    assert mixed.tokens.shape == (len(convs), 2, 16)
+    # grid point w of the mixed call equals the same point of a call where every row has its weights
+    np.testing.assert_array_equal(mixed.tokens[:, 1], short.tokens[:, 1])
+    np.testing.assert_array_equal(mixed.tokens[:, 0], free.tokens[:, 0])
+    # and the brevity weight really acts per row
+    assert mixed.lengths[:, 1].mean() < 0.6 * mixed.lengths[:, 0].mean(), mixed.lengths
+    with pytest.raises(GameInputError, match=r"weights\[1\]: must be >= 0"):
+        cage.decode_weight_grid(sampler, objs, procs, convs[:1], weight_grid=[[0.0, 0.0], [-1.0, 0.0]], **kw)
+
+
 def test_format_automaton_tracks_phrase_across_tokens(models):
     tok = models[0].tokenizer
     obj = cage.FormatObjective(("####",))
