@@ -822,7 +822,10 @@ def run_dir(config: AlignConfig) -> Path:
 
 
 def _settings_hash(config: AlignConfig) -> str:
-    keep = {k: v for k, v in config_to_dict(config).items() if k not in ("weights", "methods", "output_dir")}
+    """Hash of the settings a row depends on. Not ``num_questions``: chunks start at fixed
+    multiples of ``batch_questions``, so a longer or shorter run keeps the rows it shares."""
+    skip = ("weights", "methods", "output_dir", "num_questions")
+    keep = {k: v for k, v in config_to_dict(config).items() if k not in skip}
     return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:12]
 
 

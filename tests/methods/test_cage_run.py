@@ -42,6 +42,10 @@ def test_run_align_writes_results_and_resumes(tmp_path, tiny_data_dir, tiny_chec
     cage.run_align(config, progress=False, figures=False)
     again = (out / "results.jsonl").read_text().splitlines()
     assert len(again) == len(rows)
+    # more questions: the finished rows are kept as they are, only the new question's rows are added
+    cage.run_align(_config(tmp_path, tiny_data_dir, tiny_checkpoint, num_questions=4), progress=False, figures=False)
+    grown = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    assert grown[:len(rows)] == rows and len(grown) == 4 * 5 and len({r["key"] for r in grown}) == len(grown)
     # a different setting under the same name is refused
     with pytest.raises(Exception, match="different settings"):
         cage.run_align(_config(tmp_path, tiny_data_dir, tiny_checkpoint, top_m=9), progress=False)
