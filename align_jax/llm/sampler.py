@@ -218,7 +218,8 @@ class SampleOutput(NamedTuple):
       prompt_tokens: int32 ``[B]`` prompt lengths in tokens.
       generated_tokens: total generated tokens kept (``lengths.sum()``).
       num_steps: decoding steps actually run.
-      processor_state: the final user pytree of the logits processor (host arrays).
+      processor_state: the final user pytree of the logits processor (host arrays), or None
+        when :meth:`Sampler.generate` was called with ``return_processor_state=False``.
     """
 
     tokens: np.ndarray
@@ -581,7 +582,8 @@ class Sampler:
                  stop_token_sequences: Sequence[Sequence[int]] = (),
                  eos_token_ids: Sequence[int] | None = None, ignore_eos: bool = False,
                  logits_processor: Callable | None = None, processor_update: Callable | None = None,
-                 processor_state: Any = None, add_special_tokens: bool = False) -> SampleOutput:
+                 processor_state: Any = None, add_special_tokens: bool = False,
+                 return_processor_state: bool = True) -> SampleOutput:
         """Sample ``num_samples`` completions for each prompt.
 
         Args:
@@ -601,6 +603,8 @@ class Sampler:
             each step inside the jit (e.g. CAGE steering, token bans).
           processor_update: ``(user, tokens int32[R], SamplerStepState) -> user``.
           processor_state: initial user pytree (array leaves), seen as ``state.user``.
+          return_processor_state: copy the final user pytree to the host into the output;
+            pass False when it is large and not needed (a guide model's KV cache is GBs).
 
         Returns:
           :class:`SampleOutput`.
@@ -613,6 +617,8 @@ class Sampler:
         key = _check_key(key)
         cache, first_logits = self.prefill(batch)
         result = self.decode(batch, cache, first_logits, key, spec=spec, processor_state=processor_state)
+        if not return_processor_state:
+            result = result._replace(processor_state=None)
         return self._finish(batch, spec, result, tuple([stop] if isinstance(stop, str) else stop))
 
     def generate_chat(self, conversations: Sequence, **kwargs) -> SampleOutput:

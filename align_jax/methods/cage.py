@@ -622,7 +622,7 @@ def decode_with_method(sampler, objectives, processors: dict, conversations, *, 
     return sampler.generate_chat(list(conversations), key=key, num_samples=num_samples,
                                  max_new_tokens=max_new_tokens, temperature=1.0, top_p=1.0,
                                  logits_processor=processor, processor_update=update,
-                                 processor_state=state)
+                                 processor_state=state, return_processor_state=False)
 
 
 def decode_weight_grid(sampler, objectives, processors, conversations, *, method: str, weight_grid,

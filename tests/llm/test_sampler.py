@@ -354,6 +354,11 @@ def test_processor_sees_step_state_and_threads_user_state(sampler):
     prompt_len = np.repeat([len(p) for p in PROMPTS], 2)
     np.testing.assert_array_equal(out.processor_state["pos_sum"], 8 * prompt_len + 28)
     np.testing.assert_allclose(out.sampling_logprobs, 0.0, atol=1e-6)  # one allowed token
+    dropped = sampler.generate(PROMPTS, key=KEY, num_samples=2, max_new_tokens=8, temperature=1.0,
+                               eos_token_ids=(), logits_processor=force, processor_update=count,
+                               processor_state=user, return_processor_state=False)
+    assert dropped.processor_state is None
+    np.testing.assert_array_equal(dropped.tokens, out.tokens)
 
 
 def test_compose_processors_and_bad_ban_ids():
