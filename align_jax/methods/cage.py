@@ -1023,8 +1023,9 @@ def summary_markdown(config: AlignConfig, summary: dict) -> str:
     """Markdown table: one line per (method, weight) with mean objective scores and accuracy."""
     names = summary["objectives"]
     head = ["method", "weights"] + names + ["accuracy", "tokens"]
+    guide = f"guide {config.guide_model}, " if "guide" in config.objectives else ""
     lines = [f"# {config.name} (seed {config.seed}, {config.num_questions} questions, base {config.base_model}, "
-             f"guide {config.guide_model}, M={config.top_m}, tau={config.tau})", "",
+             f"{guide}M={config.top_m}, tau={config.tau})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for p in summary["points"]:
         cells = [p["method"], str(p["weights"])] + [f"{p[n]:.3f}" for n in names]
