@@ -2,6 +2,7 @@
 
     align-jax simulate configs/theorem1_sweep.yaml [--scenarios N] [--output-dir DIR] [--no-figures]
     align-jax reason configs/reason_small.yaml      ALIGN + baselines with real LLMs on math benchmarks
+    align-jax replay configs/reason_small.yaml      swap the principal on a finished reason run (no model)
     align-jax align configs/cage_small.yaml         CAGE multi-objective decoding over a weight grid
 """
 
@@ -47,8 +48,10 @@ def build_parser() -> argparse.ArgumentParser:
     sim.set_defaults(func=_simulate)
     from align_jax.methods.reason import add_reason_subcommand
     from align_jax.methods.cage import add_align_subcommand
+    from align_jax.methods.replay import add_replay_subcommand
 
     add_reason_subcommand(sub)
+    add_replay_subcommand(sub)
     add_align_subcommand(sub)
     return parser
 

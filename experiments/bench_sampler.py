@@ -18,7 +18,13 @@ Reported per B:
   * end-to-end tok/s: B * new tokens / (prefill + decode), and the ratio ours / torch;
   * compile time of our prefill and decode (first call minus a timed steady call; the
     persistent compilation cache is off unless ``--compilation-cache``, so this is a real compile);
-  * peak RSS of the process (``ru_maxrss``) after our runs and after torch's.
+  * peak RSS of the process (``ru_maxrss``) after our runs and after torch's;
+  * the memory-bandwidth roofline of decode: every decode step reads all weights once
+    (the tied LM head reads the whole embedding table), so decode cannot exceed
+    ``B * bandwidth / weight bytes`` tok/s. The bandwidth is measured in the same run
+    (a multi-threaded NumPy sum over a 1 GiB array, best of 3); each side's decode is
+    reported as a fraction of that bound (KV-cache reads are left out, so the bound is
+    loose at large B and long contexts).
 
 Usage::
 
@@ -52,6 +58,46 @@ PROMPT_TEMPLATE = "Solve the following math problem step by step. End with 'The 
 def peak_rss_mb() -> float:
     """Peak resident set size of this process so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+def measure_read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
+    """Sustained memory read bandwidth in bytes/s over a ``gib`` GiB array (best of ``repeats``).
+
+    The larger of two streaming reductions: NumPy sums of a float64 view, one thread per
+    CPU on its own slice (little arithmetic per byte), and a jitted ``jnp.sum`` (XLA's
+    own threads).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    import jax.numpy as jnp
+
+    threads = max(os.cpu_count() or 1, 1)
+    data = np.ones(int(gib * 2**30) // 8, np.float64)
+    parts = np.array_split(data, threads)
+
+    def best_of(fn) -> float:
+        fn()  # touch the pages / compile
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+        return data.nbytes / best
+
+    with ThreadPoolExecutor(threads) as pool:
+        numpy_bw = best_of(lambda: list(pool.map(np.sum, parts)))
+    device = jnp.asarray(data.view(np.float32))
+    total = jax.jit(jnp.sum)
+    xla_bw = best_of(lambda: total(device).block_until_ready())
+    del device
+    return max(numpy_bw, xla_bw)
+
+
+def weight_bytes(loaded) -> int:
+    """Bytes of all parameters (what one decode step reads)."""
+    from flax import nnx
+
+    return int(sum(x.nbytes for x in jax.tree.leaves(nnx.state(loaded.model, nnx.Param))))
 
 
 def load_questions(data_dir: str, count: int) -> list[str]:
@@ -226,12 +272,18 @@ def main(argv=None) -> int:
     print(f"jax {jax.__version__} on {header['device']} ({header['cpu_count']} CPUs); model {args.model} "
           f"(dtype {args.dtype}, weights {header['param_dtype']}, loaded in {header['load_s']:.1f}s); load avg {os.getloadavg()[0]:.2f}", flush=True)
 
+    header["read_bandwidth_gb_s"] = measure_read_bandwidth() / 1e9
+    header["weight_bytes"] = weight_bytes(loaded)
+    bound_b1 = header["read_bandwidth_gb_s"] * 1e9 / header["weight_bytes"]
+    print(f"memory read bandwidth {header['read_bandwidth_gb_s']:.1f} GB/s; weights {header['weight_bytes'] / 2**20:.0f} MiB "
+          f"({header['param_dtype']}) -> decode roofline {bound_b1:.1f} tok/s per row", flush=True)
+
     sampler = Sampler(loaded)
     rows = []
     for b in batches:
         load_before = os.getloadavg()[0]
         ours = bench_ours(sampler, prompt_ids[:b], args.new_tokens, args.reps)
-        row = dict(batch=b, prompt_tokens=int(sum(len(p) for p in prompt_ids[:b])),
+        row = dict(batch=b, prompt_tokens=int(sum(len(p) for p in prompt_ids[:b])), roofline_decode_tok_s=b * bound_b1,
                    load_avg_before=load_before, load_avg_after=os.getloadavg()[0],
                    ours={k: v for k, v in ours.items() if k != "tokens"})
         print(f"B={b:>3} ours : prefill {ours['prefill_tok_s']:8.1f} tok/s  decode {ours['decode_tok_s']:7.1f} tok/s  "
@@ -268,9 +320,17 @@ def main(argv=None) -> int:
         header["peak_rss_mb_total"] = peak_rss_mb()
 
     table = [r for r, _ in rows]
+    # torch's weights: the same values, in its own dtype (bfloat16 halves the bytes it reads)
+    torch_bound = header["read_bandwidth_gb_s"] * 1e9 / (
+        header["weight_bytes"] * (2 if args.torch_dtype == "bfloat16" else 4) // (2 if header["param_dtype"] == "bfloat16" else 4))
+    for r in table:
+        r["ours"]["roofline_fraction"] = r["ours"]["decode_tok_s"] / r["roofline_decode_tok_s"]
+        if "torch" in r:
+            r["torch"]["roofline_decode_tok_s"] = r["batch"] * torch_bound
+            r["torch"]["roofline_fraction"] = r["torch"]["decode_tok_s"] / (r["batch"] * torch_bound)
     print()
     print(f"{'B':>3} | {'prompt tok':>10} | {'ours prefill':>12} | {'torch prefill':>13} | {'ours decode':>11} | "
-          f"{'torch decode':>12} | {'decode x':>8} | {'e2e x':>6} | {'compile (s)':>11}")
+          f"{'torch decode':>12} | {'decode x':>8} | {'e2e x':>6} | {'compile (s)':>11} | {'ours % roofline':>15} | {'torch % roofline':>16}")
     for r in table:
         t = r.get("torch")
         print(f"{r['batch']:>3} | {r['prompt_tokens']:>10} | {r['ours']['prefill_tok_s']:>12.1f} | "
@@ -278,7 +338,9 @@ def main(argv=None) -> int:
               f"{(t['decode_tok_s'] if t else float('nan')):>12.1f} | "
               f"{(r['ratio']['decode_tok_s'] if t else float('nan')):>8.2f} | "
               f"{(r['ratio']['e2e_tok_s'] if t else float('nan')):>6.2f} | "
-              f"{r['ours']['compile_prefill_s'] + r['ours']['compile_decode_s']:>11.1f}")
+              f"{r['ours']['compile_prefill_s'] + r['ours']['compile_decode_s']:>11.1f} | "
+              f"{100 * r['ours']['roofline_fraction']:>14.0f}% | "
+              f"{(100 * t['roofline_fraction'] if t else float('nan')):>15.0f}%")
     print(f"peak RSS: {header['peak_rss_mb_after_ours']:.0f} MiB after ours"
           + (f", {header['peak_rss_mb_total']:.0f} MiB after torch" if "peak_rss_mb_total" in header else ""))
     if args.out:

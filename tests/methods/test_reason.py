@@ -235,3 +235,97 @@ def test_cli_subcommand_prints_the_table_of_a_finished_run(full_run, capsys):
 def test_shipped_configs_load(name):
     config = reason.load_reason_config(REPO / "configs" / name)
     assert config.agents and config.principal.type in ("verifier", "ranker", "oracle", "noisy_oracle")
+
+
+# --------------------------------------------------------------------------------------
+# Principal replay (align_jax.methods.replay): same candidates, another principal
+# --------------------------------------------------------------------------------------
+
+COMMITTED = REPO / "docs" / "results" / "reason_gsm8k_100" / "seed0" / "results.jsonl"
+
+
+def _committed_config(tiny_data_dir):
+    import yaml
+
+    from align_jax.methods.reason import ReasonConfig
+
+    data = yaml.safe_load((REPO / "configs" / "reason_gsm8k_100.yaml").read_text())
+    data.update(data_dir=str(tiny_data_dir), output_dir=str(REPO / "docs" / "results"))
+    return config_from_dict(ReasonConfig, data)
+
+
+@pytest.mark.skipif(not COMMITTED.is_file(), reason="the committed GSM8K study is not in this checkout")
+def test_replaying_the_committed_verifier_scores_reproduces_every_recorded_pick(tiny_data_dir):
+    """The real Qwen study's rows hold everything the game needs: replaying them gives the same picks."""
+    from align_jax.methods import replay
+
+    config = _committed_config(tiny_data_dir)
+    rows = [json.loads(line) for line in COMMITTED.read_text().splitlines()]
+    result = replay.replay_principal(config, rows, replay.ReplayPrincipal("stored"))
+    for name in ("align", "best_of_n", "uniform_principal"):
+        recorded = np.array([row["methods"][name]["correct"] for row in rows])
+        np.testing.assert_allclose(result[name], recorded, atol=1e-6, err_msg=name)
+    recorded_corr = np.array([row["game"]["utility_correlation"] for row in rows])
+    np.testing.assert_allclose(result["utility_correlation"], recorded_corr, atol=1e-5)
+    # the oracle principal on the same real candidates: best-of-N reaches pass@k exactly
+    oracle = replay.replay_principal(config, rows, replay.ReplayPrincipal("oracle"))
+    np.testing.assert_array_equal(oracle["best_of_n"], [row["methods"]["pass@k"]["correct"] for row in rows])
+
+
+def test_replay_principals_on_a_finished_run(full_run, tmp_path):
+    from align_jax.methods import replay
+
+    config, report = full_run
+    rows = report.rows
+    pass_k = np.array([r["methods"]["pass@k"]["correct"] for r in rows])
+    oracle = replay.replay_principal(config, rows, replay.ReplayPrincipal("oracle"))
+    # the run's own principal is the oracle: the stored scores and the oracle give the same games
+    stored = replay.replay_principal(config, rows, replay.ReplayPrincipal("stored"))
+    for name in ("align", "best_of_n", "uniform_principal"):
+        np.testing.assert_allclose(stored[name], oracle[name], err_msg=name)
+        np.testing.assert_allclose(stored[name], [r["methods"][name]["correct"] for r in rows], err_msg=name)
+    np.testing.assert_array_equal(oracle["best_of_n"], pass_k)
+    exact = replay.replay_principal(config, rows, replay.ReplayPrincipal("noisy_oracle", 0.0), noise_seeds=3)
+    inverted = replay.replay_principal(config, rows, replay.ReplayPrincipal("noisy_oracle", 1.0), noise_seeds=2)
+    for name in ("align", "best_of_n", "uniform_principal", "pairwise"):
+        np.testing.assert_allclose(exact[name], oracle[name], err_msg=name)
+    defined = np.isfinite(oracle["pairwise"])
+    assert np.all(oracle["pairwise"][defined] == 1.0) and np.all(inverted["pairwise"][defined] == 0.0)
+    # the inverted oracle's best-of-N is wrong whenever a question has a wrong slot
+    has_wrong = np.array([any(not s["correct"] for a in r["agents"] for s in a["slots"]) for r in rows])
+    assert np.all(inverted["best_of_n"][has_wrong] == 0.0)
+
+    out = replay.replay_run(config, replay.default_principals((0.0, 0.5)), noise_seeds=2, bootstrap_samples=100)
+    assert set(out["principals"]) == {"stored", "oracle", "noisy_oracle@0", "noisy_oracle@0.5"}
+    assert out["principals"]["stored"]["reproduces_run"] is True
+    assert out["reference"]["pass@k"]["mean"] == pytest.approx(pass_k.mean())
+    for name in ("replay.json", "replay.md", "replay.png"):
+        assert (report.directory / name).is_file(), name
+    assert "| oracle |" in (report.directory / "replay.md").read_text()
+
+
+def test_replay_bad_input(full_run, tmp_path, capsys):
+    from align_jax.methods import replay
+
+    config, report = full_run
+    with pytest.raises(ConfigError, match=r"no results file"):
+        replay.replay_run(dataclasses.replace(config, output_dir=str(tmp_path)))
+    broken = tmp_path / config.name / f"seed{config.seed}"
+    broken.mkdir(parents=True)
+    row = json.loads((report.directory / "results.jsonl").read_text().splitlines()[0])
+    del row["agents"][0]["slots"][0]["utility"]
+    (broken / "results.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(ConfigError, match=r"results\.jsonl: question 'gsm8k/test/0': not a complete results row"):
+        replay.replay_run(dataclasses.replace(config, output_dir=str(tmp_path)), write=False)
+    with pytest.raises(ValueError, match="flip_rate"):
+        replay.ReplayPrincipal("noisy_oracle", 1.5)
+    import yaml
+
+    path = tmp_path / "cli.yaml"
+    path.write_text(yaml.safe_dump(dataclasses.asdict(config)))
+    from align_jax.cli import main
+
+    assert main(["replay", str(path), "--flip-rates", "0.2", "2"]) == 2
+    assert "--flip-rates: each rate must be in [0, 1]" in capsys.readouterr().err
+    assert main(["replay", str(path), "--flip-rates", "0.2", "--no-figures"]) == 0
+    assert "noisy_oracle@0.2" in capsys.readouterr().out
