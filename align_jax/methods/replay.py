@@ -25,8 +25,10 @@ corr(agent utility, principal score). The principal-independent methods of the r
 reference lines. Outputs go to the run directory: ``replay.json``, ``replay.md`` and
 ``replay.png`` (accuracy against the principal's pairwise accuracy).
 
-No model is loaded; the game is one jit-compiled call per principal over all
-questions (``CandidateSet [Q, N, K]``).
+No model is loaded. The game is replayed window by window with the run's own window
+keys (one jit-compiled program per window shape), so ``mode: sampled`` runs replay
+exactly too; the first noise draw of ``noisy_oracle`` uses the run's seed, so it
+reproduces a run made with that principal.
 """
 
 from __future__ import annotations
@@ -162,6 +164,18 @@ def _pairwise_accuracy(score: np.ndarray, valid: np.ndarray, correct: np.ndarray
     return float(np.mean((diff > 0) + 0.5 * (diff == 0)))
 
 
+def _score_by_agent(rows: Sequence[dict]) -> list[dict]:
+    """Per agent: mean stored principal score of its slots, and the share of its slots that are correct."""
+    out = []
+    for i, agent in enumerate(rows[0]["agents"]):
+        slots = [s for row in rows for s in row["agents"][i]["slots"]]
+        out.append({"agent": agent["name"],
+                    "mean_score": float(np.mean([s["principal_score"] for s in slots])),
+                    "slot_accuracy": float(np.mean([s["correct"] for s in slots])),
+                    "slots": len(slots)})
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # Replay
 # --------------------------------------------------------------------------------------
@@ -173,7 +187,8 @@ def replay_principal(config: ReasonConfig, rows: Sequence[dict], principal: Repl
 
     Args:
       config: the run's config (game settings, K, seed).
-      rows: the run's results rows (Q of them).
+      rows: the run's results rows (Q of them), in the run's question order starting at
+        its first question (row ``j`` was in window ``j // batch_questions``).
       principal: which principal's scores to use.
       noise_seeds: independent flip draws averaged per question (``noisy_oracle`` only).
       questions: ``questions_from_rows(rows)`` if already built.
@@ -195,7 +210,7 @@ def replay_principal(config: ReasonConfig, rows: Sequence[dict], principal: Repl
         raise ValueError(f"noise_seeds must be >= 1, got {noise_seeds}")
     game_config = config.game.game_config(record_trajectory=False)
     params = GameParams.create(config.game.step_size)
-    totals = {name: np.zeros(len(rows)) for name in (*_REPLAYED, "pairwise", "utility_correlation")}
+    totals = {name: np.zeros(len(rows)) for name in (*_REPLAYED, "pairwise", "utility_correlation", "nash_gap")}
     for d in range(draws):
         if principal.type == "stored":
             scores = [stored_scores(row, num_slots) for row in rows]
@@ -206,12 +221,21 @@ def replay_principal(config: ReasonConfig, rows: Sequence[dict], principal: Repl
                                           question_id=row["question_id"]).score
                       for q, c, row in zip(qs, correct_maps, rows)]
         candidates = stack_candidate_sets(qs, scores, correct_maps, num_slots)
-        played = play_window(game_config, params, candidates, qs, jax.random.key(config.seed))
+        # the run's windows and keys (``fold_in(fold_in(key(seed), w), 1)``), so that
+        # ``mode: sampled`` games replay exactly too
+        played = []
+        base_key = jax.random.key(config.seed)
+        b = config.batch_questions
+        for w, start in enumerate(range(0, len(rows), b)):
+            window = jax.tree.map(lambda x: x[start:start + b], candidates)
+            played += play_window(game_config, params, window, qs[start:start + b],
+                                  jax.random.fold_in(jax.random.fold_in(base_key, w), 1))
         correlation = np.asarray(jax.vmap(utility_correlation)(candidates), np.float64)
         host = jax.device_get(candidates)
         for q, question in enumerate(qs):
             totals["align"][q] += played[q]["correct"]
             totals["uniform_principal"][q] += played[q]["baselines"]["uniform_principal"]
+            totals["nash_gap"][q] += played[q]["nash_gap"]
             totals["best_of_n"][q] += baselines_lib.best_of_n(
                 host.principal_score[q], host.valid[q], host.answer_id[q], host.correct[q], question.answers_by_id
             ).correct
@@ -284,12 +308,14 @@ def replay_run(config: ReasonConfig, principals: Optional[Sequence[ReplayPrincip
                  **{m: stat(result[m]) for m in _REPLAYED},
                  "pairwise_accuracy": float(pairwise.mean()) if pairwise.size else None,
                  "pairwise_questions": int(pairwise.size),
-                 "utility_correlation": float(result["utility_correlation"].mean())}
+                 "utility_correlation": float(result["utility_correlation"].mean()),
+                 "nash_gap": float(result["nash_gap"].mean())}
         if "sc_pooled" in reference:
             entry["align - sc_pooled"] = stat(result["align"] - reference["sc_pooled"])
         if principal.type == "stored":
             recorded = np.array([row["methods"]["align"]["correct"] for row in rows], np.float64)
             entry["reproduces_run"] = bool(np.allclose(result["align"], recorded, atol=1e-6))
+            entry["by_agent"] = _score_by_agent(rows)
         report["principals"][principal.label] = entry
     if write:
         atomic_write(directory / "replay.json", json.dumps(report, indent=2, sort_keys=True))
@@ -327,6 +353,10 @@ def replay_markdown(report: dict) -> str:
     if stored is not None:
         lines += ["", "Replaying the stored scores reproduces every recorded ALIGN pick: "
                   f"{'yes' if stored.get('reproduces_run') else 'NO'}."]
+        lines += ["", f"The run's {report['run_principal']} principal by agent (mean score of the agent's slots; "
+                  "share of its slots that are correct): "
+                  + "; ".join(f"{a['agent']} {a['mean_score']:.3f} ({a['slot_accuracy']:.3f} of {a['slots']})"
+                              for a in stored["by_agent"]) + "."]
     return "\n".join(lines) + "\n"
 
 

@@ -298,10 +298,36 @@ def test_replay_principals_on_a_finished_run(full_run, tmp_path):
     out = replay.replay_run(config, replay.default_principals((0.0, 0.5)), noise_seeds=2, bootstrap_samples=100)
     assert set(out["principals"]) == {"stored", "oracle", "noisy_oracle@0", "noisy_oracle@0.5"}
     assert out["principals"]["stored"]["reproduces_run"] is True
+    by_agent = out["principals"]["stored"]["by_agent"]
+    assert [a["agent"] for a in by_agent] == ["zs", "fs"]
+    slots = [s for r in rows for s in r["agents"][1]["slots"]]
+    assert by_agent[1]["slots"] == len(slots)
+    assert by_agent[1]["slot_accuracy"] == pytest.approx(np.mean([s["correct"] for s in slots]))
     assert out["reference"]["pass@k"]["mean"] == pytest.approx(pass_k.mean())
     for name in ("replay.json", "replay.md", "replay.png"):
         assert (report.directory / name).is_file(), name
     assert "| oracle |" in (report.directory / "replay.md").read_text()
+
+
+def test_replay_reproduces_a_sampled_mode_noisy_oracle_run(tiny_checkpoint, tiny_data_dir, tiny_pool, tmp_path):
+    """Window keys and noise seeds match the run's: stored scores and the same noisy oracle replay exactly."""
+    from align_jax.methods import replay
+
+    # three agents with several distinct answers each, so the sampled submissions matter
+    agents = [dict(model=tiny_checkpoint, name=f"a{i}", temperature=1.5, top_p=1.0, num_samples=4, max_new_tokens=24)
+              for i in range(3)]
+    config = tiny_config(tiny_checkpoint, tiny_data_dir, tmp_path, greedy=False, debate=dict(rounds=0), agents=agents,
+                         limit=6, game=dict(num_rounds=5, mode="sampled"),
+                         principal=dict(type="noisy_oracle", flip_rate=0.4))
+    rows = reason.run_reason(config, progress=False, figures=False, pool=tiny_pool).rows
+    recorded = np.array([r["methods"]["align"]["correct"] for r in rows])
+    for principal in (replay.ReplayPrincipal("stored"), replay.ReplayPrincipal("noisy_oracle", 0.4)):
+        result = replay.replay_principal(config, rows, principal, noise_seeds=1)
+        np.testing.assert_array_equal(result["align"], recorded, err_msg=principal.label)
+        # the Nash gap depends on every sampled submission of every round
+        np.testing.assert_allclose(result["nash_gap"], [r["game"]["nash_gap"] for r in rows], rtol=1e-6,
+                                   err_msg=principal.label)
+        np.testing.assert_array_equal(result["best_of_n"], [r["methods"]["best_of_n"]["correct"] for r in rows])
 
 
 def test_replay_bad_input(full_run, tmp_path, capsys):
