@@ -338,14 +338,14 @@ def replay_markdown(report: dict) -> str:
         f"noisy oracles averaged over {report['noise_seeds']} flip draws per question; 95% paired bootstrap "
         "intervals over questions.",
         "",
-        "| principal | pairwise acc. | corr(utility, score) | ALIGN | best-of-N | uniform + principal | ALIGN - SC pooled |",
-        "|---|---|---|---|---|---|---|",
+        "| principal | pairwise acc. | corr(utility, score) | Nash gap | ALIGN | best-of-N | uniform + principal | ALIGN - SC pooled |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for label, p in report["principals"].items():
         pairwise = "n/a" if p["pairwise_accuracy"] is None else f"{p['pairwise_accuracy']:.3f}"
         diff = p.get("align - sc_pooled")
         diff_text = f"{diff['mean']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]" if diff else "n/a"
-        lines.append(f"| {label} | {pairwise} | {p['utility_correlation']:+.3f} | {_ci(p['align'])} | "
+        lines.append(f"| {label} | {pairwise} | {p['utility_correlation']:+.3f} | {p['nash_gap']:.3f} | {_ci(p['align'])} | "
                      f"{_ci(p['best_of_n'])} | {_ci(p['uniform_principal'])} | {diff_text} |")
     lines += ["", "Principal-independent reference: "
               + ", ".join(f"{m} {_ci(s)}" for m, s in report["reference"].items()) + "."]
