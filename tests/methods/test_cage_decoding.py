@@ -181,7 +181,7 @@ def test_guide_lockstep_cache_matches_full_rescoring(models):
     assert np.abs(q).max() > 1e-3  # the two prompts really differ
 
 
-def test_bad_inputs_raise_named_errors(models, tmp_path):
+def test_bad_inputs_raise_named_errors(models, tmp_path, tiny_data_dir):
     base, _ = models
     objs = [cage.BrevityObjective(), cage.FormatObjective()]
     ctx = _ctx(base.tokenizer, CONVS)
@@ -209,7 +209,7 @@ def test_bad_inputs_raise_named_errors(models, tmp_path):
         with pytest.raises(ConfigError, match=pattern):
             cage.load_align_config(write(text))
     config = cage.load_align_config(write("name: x\nobjectives: [brevity]\nweights: [[1.0]]\n"
-                                          f"top_m: 500\noutput_dir: {tmp_path}\n"))
+                                          f"top_m: 500\noutput_dir: {tmp_path}\ndata_dir: {tiny_data_dir}\n"))
     with pytest.raises(ConfigError, match=r"bad.yaml:4: top_m: 500 candidate tokens is larger than .* 96"):
         cage.run_align(config, base=base, progress=False)
 

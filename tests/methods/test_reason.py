@@ -232,7 +232,9 @@ def test_cli_subcommand_prints_the_table_of_a_finished_run(full_run, capsys):
 
 
 @pytest.mark.parametrize("name", ["reason_small.yaml", "reason_gsm8k_100.yaml"])
-def test_shipped_configs_load(name):
+def test_shipped_configs_load(name, tiny_data_dir, monkeypatch):
+    # the configs name no data_dir: they validate against $ALIGN_JAX_DATA_DIR (here a tiny copy)
+    monkeypatch.setenv("ALIGN_JAX_DATA_DIR", str(tiny_data_dir))
     config = reason.load_reason_config(REPO / "configs" / name)
     assert config.agents and config.principal.type in ("verifier", "ranker", "oracle", "noisy_oracle")
 
