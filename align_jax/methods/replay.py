@@ -176,6 +176,24 @@ def _score_by_agent(rows: Sequence[dict]) -> list[dict]:
     return out
 
 
+def _pooled_majority_score(question: QuestionCandidates, score: np.ndarray) -> float:
+    """The principal's score of the pooled self-consistency answer: the mean score of the slots
+    carrying it, in expectation over tied majority answers (0 when no sample has an answer)."""
+    counts: dict[int, int] = {}
+    for agent in question.agents:
+        for answer_id in agent.answer_ids:
+            if answer_id >= 0:
+                counts[answer_id] = counts.get(answer_id, 0) + 1
+    if not counts:
+        return 0.0
+    top = max(counts.values())
+    values = []
+    for answer_id in (a for a, c in counts.items() if c == top):
+        values.append(np.mean([score[i, s] for i, agent in enumerate(question.agents)
+                               for s, slot in enumerate(agent.slots) if slot.answer_id == answer_id]))
+    return float(np.mean(values))
+
+
 # --------------------------------------------------------------------------------------
 # Replay
 # --------------------------------------------------------------------------------------
@@ -210,7 +228,8 @@ def replay_principal(config: ReasonConfig, rows: Sequence[dict], principal: Repl
         raise ValueError(f"noise_seeds must be >= 1, got {noise_seeds}")
     game_config = config.game.game_config(record_trajectory=False)
     params = GameParams.create(config.game.step_size)
-    totals = {name: np.zeros(len(rows)) for name in (*_REPLAYED, "pairwise", "utility_correlation", "nash_gap")}
+    names = (*_REPLAYED, "pairwise", "utility_correlation", "nash_gap", "align_score", "sc_pooled_score")
+    totals = {name: np.zeros(len(rows)) for name in names}
     for d in range(draws):
         if principal.type == "stored":
             scores = [stored_scores(row, num_slots) for row in rows]
@@ -236,6 +255,8 @@ def replay_principal(config: ReasonConfig, rows: Sequence[dict], principal: Repl
             totals["align"][q] += played[q]["correct"]
             totals["uniform_principal"][q] += played[q]["baselines"]["uniform_principal"]
             totals["nash_gap"][q] += played[q]["nash_gap"]
+            totals["align_score"][q] += host.principal_score[q, played[q]["chosen_agent"], played[q]["chosen_slot"]]
+            totals["sc_pooled_score"][q] += _pooled_majority_score(question, host.principal_score[q])
             totals["best_of_n"][q] += baselines_lib.best_of_n(
                 host.principal_score[q], host.valid[q], host.answer_id[q], host.correct[q], question.answers_by_id
             ).correct
@@ -309,7 +330,9 @@ def replay_run(config: ReasonConfig, principals: Optional[Sequence[ReplayPrincip
                  "pairwise_accuracy": float(pairwise.mean()) if pairwise.size else None,
                  "pairwise_questions": int(pairwise.size),
                  "utility_correlation": float(result["utility_correlation"].mean()),
-                 "nash_gap": float(result["nash_gap"].mean())}
+                 "nash_gap": float(result["nash_gap"].mean()),
+                 "principal_utility": {"align": stat(result["align_score"]), "sc_pooled": stat(result["sc_pooled_score"]),
+                                       "align - sc_pooled": stat(result["align_score"] - result["sc_pooled_score"])}}
         if "sc_pooled" in reference:
             entry["align - sc_pooled"] = stat(result["align"] - reference["sc_pooled"])
         if principal.type == "stored":
@@ -329,6 +352,10 @@ def _ci(s: dict) -> str:
     return f"{s['mean']:.3f} [{s['ci_low']:.3f}, {s['ci_high']:.3f}]"
 
 
+def _signed_ci(s: dict) -> str:
+    return f"{s['mean']:+.3f} [{s['ci_low']:+.3f}, {s['ci_high']:+.3f}]"
+
+
 def replay_markdown(report: dict) -> str:
     """The replay table as markdown."""
     lines = [
@@ -338,15 +365,17 @@ def replay_markdown(report: dict) -> str:
         f"noisy oracles averaged over {report['noise_seeds']} flip draws per question; 95% paired bootstrap "
         "intervals over questions.",
         "",
-        "| principal | pairwise acc. | corr(utility, score) | Nash gap | ALIGN | best-of-N | uniform + principal | ALIGN - SC pooled |",
-        "|---|---|---|---|---|---|---|---|",
+        "| principal | pairwise acc. | corr(utility, score) | Nash gap | ALIGN | best-of-N | uniform + principal "
+        "| ALIGN - SC pooled | principal's score of the pick: ALIGN - SC pooled |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for label, p in report["principals"].items():
         pairwise = "n/a" if p["pairwise_accuracy"] is None else f"{p['pairwise_accuracy']:.3f}"
         diff = p.get("align - sc_pooled")
-        diff_text = f"{diff['mean']:+.3f} [{diff['ci_low']:+.3f}, {diff['ci_high']:+.3f}]" if diff else "n/a"
+        diff_text = _signed_ci(diff) if diff else "n/a"
         lines.append(f"| {label} | {pairwise} | {p['utility_correlation']:+.3f} | {p['nash_gap']:.3f} | {_ci(p['align'])} | "
-                     f"{_ci(p['best_of_n'])} | {_ci(p['uniform_principal'])} | {diff_text} |")
+                     f"{_ci(p['best_of_n'])} | {_ci(p['uniform_principal'])} | {diff_text} | "
+                     f"{_signed_ci(p['principal_utility']['align - sc_pooled'])} |")
     lines += ["", "Principal-independent reference: "
               + ", ".join(f"{m} {_ci(s)}" for m, s in report["reference"].items()) + "."]
     stored = report["principals"].get("stored")

@@ -287,6 +287,9 @@ def test_replay_principals_on_a_finished_run(full_run, tmp_path):
         np.testing.assert_allclose(stored[name], oracle[name], err_msg=name)
         np.testing.assert_allclose(stored[name], [r["methods"][name]["correct"] for r in rows], err_msg=name)
     np.testing.assert_array_equal(oracle["best_of_n"], pass_k)
+    # with the oracle, the principal's score of a pick is its correctness
+    np.testing.assert_allclose(oracle["align_score"], oracle["align"])
+    np.testing.assert_allclose(oracle["sc_pooled_score"], [r["methods"]["sc_pooled"]["correct"] for r in rows])
     exact = replay.replay_principal(config, rows, replay.ReplayPrincipal("noisy_oracle", 0.0), noise_seeds=3)
     inverted = replay.replay_principal(config, rows, replay.ReplayPrincipal("noisy_oracle", 1.0), noise_seeds=2)
     for name in ("align", "best_of_n", "uniform_principal", "pairwise"):
