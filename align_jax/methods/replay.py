@@ -50,11 +50,12 @@ from align_jax.methods.candidates import AgentCandidates, QuestionCandidates, Sl
 from align_jax.methods.principals import noisy_oracle_scores, oracle_scores
 from align_jax.methods.reason import (
     ReasonConfig,
+    _read_rows,
     bootstrap_interval,
     load_reason_config,
     run_dir,
 )
-from align_jax.runio import atomic_write, read_jsonl
+from align_jax.runio import atomic_write
 
 __all__ = [
     "REFERENCE_METHODS",
@@ -290,17 +291,8 @@ def replay_run(config: ReasonConfig, principals: Optional[Sequence[ReplayPrincip
     path = directory / "results.jsonl"
     if not path.is_file():
         raise ConfigError(f"{path}: no results file; run `align-jax reason` with this config first")
-    rows: list[dict] = []
-    seen: set = set()
-    hashes: set = set()
-    for line_number, row in read_jsonl(path):
-        if not isinstance(row, dict) or "question_id" not in row:
-            raise ConfigError(f"{path}:{line_number}: not a results row (no 'question_id')")
-        if row["question_id"] in seen:
-            continue
-        seen.add(row["question_id"])
-        hashes.add(row.get("settings_hash"))
-        rows.append(row)
+    rows = list(_read_rows(path).values())  # first row per question, in file order
+    hashes = {row.get("settings_hash") for row in rows}
     if len(hashes) > 1:
         raise ConfigError(f"{path}: rows were computed with different settings (hashes {sorted(map(str, hashes))})")
     if limit is not None:
