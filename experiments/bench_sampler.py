@@ -240,6 +240,9 @@ def main(argv=None) -> int:
                         help="our weight dtype (default: --dtype); bfloat16 with --dtype float32 is mixed precision")
     parser.add_argument("--torch-dtype", default="float32", choices=["float32", "bfloat16"],
                         help="dtype of the torch reference model")
+    parser.add_argument("--quantized", action="store_true",
+                        help="ours keeps the GGUF's block-quantized weights as int8 codes + scales "
+                             "(the same weight values; torch gets them dequantized to --torch-dtype)")
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--compilation-cache", action="store_true",
                         help="use the persistent compilation cache (then 'compile' may be a cache load)")
@@ -256,12 +259,12 @@ def main(argv=None) -> int:
     header = dict(
         jax=jax.__version__, device=str(jax.devices()[0]), backend=jax.default_backend(),
         cpu_count=os.cpu_count(), platform=platform.platform(), python=sys.version.split()[0],
-        model=args.model, dtype=args.dtype, param_dtype=args.param_dtype or args.dtype,
+        model=args.model, dtype=args.dtype, param_dtype=args.param_dtype or args.dtype, quantized=args.quantized,
         torch_dtype=args.torch_dtype, new_tokens=args.new_tokens, reps=args.reps,
         compilation_cache=bool(args.compilation_cache),
     )
     t0 = time.perf_counter()
-    loaded = load_pretrained(args.model, dtype=args.dtype, param_dtype=args.param_dtype)
+    loaded = load_pretrained(args.model, dtype=args.dtype, param_dtype=args.param_dtype, quantized=args.quantized)
     header["load_s"] = time.perf_counter() - t0
     tok = loaded.tokenizer
     questions = load_questions(args.data_dir, max(batches))
@@ -275,8 +278,9 @@ def main(argv=None) -> int:
     header["read_bandwidth_gb_s"] = measure_read_bandwidth() / 1e9
     header["weight_bytes"] = weight_bytes(loaded)
     bound_b1 = header["read_bandwidth_gb_s"] * 1e9 / header["weight_bytes"]
+    weight_kind = "block-quantized int8 + float32 scales" if args.quantized else header["param_dtype"]
     print(f"memory read bandwidth {header['read_bandwidth_gb_s']:.1f} GB/s; weights {header['weight_bytes'] / 2**20:.0f} MiB "
-          f"({header['param_dtype']}) -> decode roofline {bound_b1:.1f} tok/s per row", flush=True)
+          f"({weight_kind}) -> decode roofline {bound_b1:.1f} tok/s per row", flush=True)
 
     sampler = Sampler(loaded)
     rows = []
@@ -300,8 +304,12 @@ def main(argv=None) -> int:
         header["transformers"] = transformers.__version__
         header["torch_threads"] = torch.get_num_threads()
         # Same weight values as ours (bfloat16 weights are exact in float32); then torch's dtype.
-        tmodel = torch_model_from_ours(loaded) if args.dtype == "float32" else torch_model_from_ours(
-            load_pretrained(args.model, dtype="float32", param_dtype=args.param_dtype))
+        dense = loaded if args.dtype == "float32" and not args.quantized else load_pretrained(
+            args.model, dtype="float32", param_dtype=args.param_dtype)
+        header["torch_weight_bytes"] = weight_bytes(dense) * (2 if args.torch_dtype == "bfloat16" else 4) // (
+            2 if dense.config.jnp_param_dtype == jax.numpy.bfloat16 else 4)
+        tmodel = torch_model_from_ours(dense)
+        del dense
         if args.torch_dtype == "bfloat16":
             tmodel = tmodel.to(torch.bfloat16)
         for row, our_tokens in rows:
@@ -321,8 +329,7 @@ def main(argv=None) -> int:
 
     table = [r for r, _ in rows]
     # torch's weights: the same values, in its own dtype (bfloat16 halves the bytes it reads)
-    torch_bound = header["read_bandwidth_gb_s"] * 1e9 / (
-        header["weight_bytes"] * (2 if args.torch_dtype == "bfloat16" else 4) // (2 if header["param_dtype"] == "bfloat16" else 4))
+    torch_bound = header["read_bandwidth_gb_s"] * 1e9 / header.get("torch_weight_bytes", header["weight_bytes"])
     for r in table:
         r["ours"]["roofline_fraction"] = r["ours"]["decode_tok_s"] / r["roofline_decode_tok_s"]
         if "torch" in r:

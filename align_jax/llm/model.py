@@ -34,17 +34,22 @@ ordinary array arguments, never static values.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from align_jax.llm.quant import quantized_matmul
+
 __all__ = [
     "ModelConfig",
     "KVCache",
     "init_cache",
     "Transformer",
+    "QuantizedLinear",
+    "QuantizedEmbed",
     "forward",
     "matmul",
     "MIN_MATMUL_ROWS",
@@ -79,6 +84,12 @@ class ModelConfig:
       param_dtype: ``None`` (= ``dtype``), ``"float32"`` or ``"bfloat16"``: the storage
         dtype of the parameters. ``dtype="float32", param_dtype="bfloat16"`` is the
         mixed-precision mode described in the module docstring.
+      quantized: the modules stored block-quantized, as ``(path, block_size, has_offset)``
+        triples: ``path`` is ``"layers.{i}.self_attn.{q,k,v,o}_proj"``,
+        ``"layers.{i}.mlp.{gate,up,down}_proj"``, ``"embed_tokens"`` or ``"lm_head"``.
+        Such a module holds int8 ``codes [out, in]``, float32 ``scale [out, in / bs]`` and
+        optionally ``offset`` instead of a float kernel (see :mod:`align_jax.llm.quant`);
+        ``param_dtype`` does not apply to them. Empty (the default): a dense model.
     """
 
     arch: str
@@ -96,8 +107,10 @@ class ModelConfig:
     attention_bias: bool
     dtype: str = "float32"
     param_dtype: str | None = None
+    quantized: tuple = ()
 
     def __post_init__(self):
+        object.__setattr__(self, "quantized", _normalise_quantized(self.quantized))
         if self.arch not in SUPPORTED_ARCHS:
             raise ValueError(
                 f"ModelConfig.arch={self.arch!r} is not supported; expected one of {SUPPORTED_ARCHS}"
@@ -154,6 +167,30 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown ModelConfig fields {unknown}")
         return cls(**data)
+
+
+def _normalise_quantized(entries) -> tuple:
+    """``quantized`` as a sorted tuple of ``(path, block_size, has_offset)`` (JSON gives lists)."""
+    out = []
+    for entry in entries or ():
+        try:
+            path, block, has_offset = entry
+        except (TypeError, ValueError):
+            raise ValueError(f"ModelConfig.quantized entries are (path, block_size, has_offset), got {entry!r}") from None
+        if not isinstance(path, str) or not _QUANTIZABLE.match(path):
+            raise ValueError(f"ModelConfig.quantized: {path!r} is not a quantizable module path")
+        if isinstance(block, bool) or not isinstance(block, int) or block <= 0 or block % 16:
+            raise ValueError(f"ModelConfig.quantized: {path!r} has block_size {block!r}; expected a multiple of 16")
+        out.append((path, int(block), bool(has_offset)))
+    paths = [p for p, _, _ in out]
+    if len(set(paths)) != len(paths):
+        raise ValueError("ModelConfig.quantized names a module twice")
+    return tuple(sorted(out))
+
+
+_QUANTIZABLE = re.compile(
+    r"^(embed_tokens|lm_head|layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj))$"
+)
 
 
 class KVCache(NamedTuple):
@@ -226,6 +263,12 @@ def _param(rngs, shape: tuple[int, ...], dtype, kind: str) -> nnx.Param:
     """
     if rngs is None:
         return nnx.Param(jax.ShapeDtypeStruct(shape, dtype))
+    if kind == "codes":  # random int8 codes in [-8, 8)
+        return nnx.Param(jax.random.randint(rngs.params(), shape, -8, 8, jnp.int32).astype(jnp.int8))
+    if kind == "scale":  # positive scales around 0.02 / 4, so w has about the "normal" init's size
+        return nnx.Param(0.005 * jax.random.uniform(rngs.params(), shape, dtype, 0.5, 1.5))
+    if kind == "offset":
+        return nnx.Param(0.002 * jax.random.normal(rngs.params(), shape, dtype))
     if kind == "normal":
         return nnx.Param(0.02 * jax.random.normal(rngs.params(), shape, dtype))
     if kind == "zeros":
@@ -301,22 +344,83 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], tokens, axis=0).astype(self.out_dtype)
 
 
-def _linear(cfg: ModelConfig, din: int, dout: int, bias: bool, rngs) -> Linear:
+class _BlockQuantized(nnx.Module):
+    """Holds ``codes`` int8 ``[N, K]``, ``scale`` float32 ``[N, K / bs]`` and optionally ``offset``."""
+
+    def _init_codes(self, n: int, k: int, block_size: int, has_offset: bool, rngs) -> None:
+        if k % block_size:
+            raise ValueError(f"{type(self).__name__}: size {k} is not a multiple of block_size {block_size}")
+        nb = k // block_size
+        self.codes = _param(rngs, (n, k), jnp.int8, "codes")
+        self.scale = _param(rngs, (n, nb), jnp.float32, "scale")
+        self.offset = _param(rngs, (n, nb), jnp.float32, "offset") if has_offset else None
+
+    def product(self, x: jax.Array) -> jax.Array:
+        """float32 ``x [..., K] @ w.T`` with ``w = scale * codes + offset`` (no bias)."""
+        offset = None if self.offset is None else self.offset[...]
+        return quantized_matmul(x, self.codes[...], self.scale[...], offset)
+
+
+class QuantizedLinear(_BlockQuantized):
+    """``y = x @ w.T (+ bias)`` for a block-quantized ``w [out, in]`` (see :mod:`align_jax.llm.quant`).
+
+    Parameters: ``codes`` int8 ``[out, in]``, ``scale`` float32 ``[out, in / bs]``, ``offset``
+    float32 ``[out, in / bs]`` or None, ``bias [out]``. The product is computed in float32
+    by :func:`~align_jax.llm.quant.quantized_matmul` and returned in ``x.dtype``.
+    """
+
+    def __init__(self, din: int, dout: int, bias: bool, block_size: int, has_offset: bool, dtype, rngs):
+        self._init_codes(dout, din, block_size, has_offset, rngs)
+        self.bias = _param(rngs, (dout,), dtype, "zeros") if bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.product(x).astype(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class QuantizedEmbed(_BlockQuantized):
+    """Token embedding stored block-quantized: ``codes [V, D]``, ``scale`` / ``offset [V, D / bs]``.
+
+    A lookup dequantizes only the rows it gathers (the same values as the dense table);
+    :meth:`product` is the tied LM head.
+    """
+
+    def __init__(self, vocab: int, dim: int, block_size: int, has_offset: bool, rngs, out_dtype):
+        self._init_codes(vocab, dim, block_size, has_offset, rngs)
+        self.out_dtype = out_dtype
+
+    def __call__(self, tokens: jax.Array) -> jax.Array:
+        codes = jnp.take(self.codes[...], tokens, axis=0)  # [B, L, D]
+        scale = jnp.take(self.scale[...], tokens, axis=0)  # [B, L, nb]
+        nb = scale.shape[-1]
+        rows = codes.reshape(*codes.shape[:-1], nb, -1).astype(jnp.float32) * scale[..., None]
+        if self.offset is not None:
+            rows = rows + jnp.take(self.offset[...], tokens, axis=0)[..., None]
+        return rows.reshape(codes.shape).astype(self.out_dtype)
+
+
+def _linear(cfg: ModelConfig, din: int, dout: int, bias: bool, rngs, path: str = ""):
+    """A dense :class:`Linear`, or a :class:`QuantizedLinear` when ``cfg.quantized`` lists ``path``."""
+    for name, block, has_offset in cfg.quantized:
+        if name == path:
+            return QuantizedLinear(din, dout, bias, block, has_offset, cfg.jnp_param_dtype, rngs)
     return Linear(din, dout, bias, cfg.jnp_param_dtype, rngs)
 
 
 class Attention(nnx.Module):
     """Grouped-query self-attention with RoPE and an optional static KV cache."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, path: str = "self_attn"):
         self.num_heads = cfg.num_heads
         self.num_kv_heads = cfg.num_kv_heads
         self.head_dim = cfg.head_dim
         d, hd = cfg.hidden_size, cfg.head_dim
-        self.q_proj = _linear(cfg, d, cfg.num_heads * hd, cfg.attention_bias, rngs)
-        self.k_proj = _linear(cfg, d, cfg.num_kv_heads * hd, cfg.attention_bias, rngs)
-        self.v_proj = _linear(cfg, d, cfg.num_kv_heads * hd, cfg.attention_bias, rngs)
-        self.o_proj = _linear(cfg, cfg.num_heads * hd, d, False, rngs)
+        self.q_proj = _linear(cfg, d, cfg.num_heads * hd, cfg.attention_bias, rngs, f"{path}.q_proj")
+        self.k_proj = _linear(cfg, d, cfg.num_kv_heads * hd, cfg.attention_bias, rngs, f"{path}.k_proj")
+        self.v_proj = _linear(cfg, d, cfg.num_kv_heads * hd, cfg.attention_bias, rngs, f"{path}.v_proj")
+        self.o_proj = _linear(cfg, cfg.num_heads * hd, d, False, rngs, f"{path}.o_proj")
 
     def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=0):
         """Attend.
@@ -373,10 +477,10 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
     """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None):
-        self.gate_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, False, rngs)
-        self.up_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, False, rngs)
-        self.down_proj = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, False, rngs)
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, path: str = "mlp"):
+        self.gate_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, False, rngs, f"{path}.gate_proj")
+        self.up_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, False, rngs, f"{path}.up_proj")
+        self.down_proj = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, False, rngs, f"{path}.down_proj")
 
     def __call__(self, x):
         return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -385,11 +489,11 @@ class MLP(nnx.Module):
 class DecoderLayer(nnx.Module):
     """Pre-norm block: ``h += attn(norm(h)); h += mlp(norm(h))``."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, path: str = "layers.0"):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_param_dtype, rngs)
-        self.self_attn = Attention(cfg, rngs=rngs)
+        self.self_attn = Attention(cfg, rngs=rngs, path=f"{path}.self_attn")
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_param_dtype, rngs)
-        self.mlp = MLP(cfg, rngs=rngs)
+        self.mlp = MLP(cfg, rngs=rngs, path=f"{path}.mlp")
 
     def __call__(self, h, cos, sin, mask, cache, cache_index):
         attn_out, cache = self.self_attn(
@@ -415,13 +519,26 @@ class Transformer(nnx.Module):
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None):
         self.config = config
         dtype = config.jnp_param_dtype
-        self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype, rngs, config.jnp_dtype)
-        self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
+        known = {path for path, _, _ in config.quantized}
+        embed_quant = [(b, o) for path, b, o in config.quantized if path == "embed_tokens"]
+        if embed_quant:
+            block, has_offset = embed_quant[0]
+            self.embed_tokens = QuantizedEmbed(config.vocab_size, config.hidden_size, block, has_offset,
+                                               rngs, config.jnp_dtype)
+        else:
+            self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype, rngs, config.jnp_dtype)
+        self.layers = nnx.List([DecoderLayer(config, rngs=rngs, path=f"layers.{i}") for i in range(config.num_layers)])
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, rngs)
         if not config.tie_word_embeddings:
-            self.lm_head = _linear(config, config.hidden_size, config.vocab_size, False, rngs)
+            self.lm_head = _linear(config, config.hidden_size, config.vocab_size, False, rngs, "lm_head")
         else:
             self.lm_head = None
+        valid = {"embed_tokens"} | ({"lm_head"} if not config.tie_word_embeddings else set())
+        valid |= {f"layers.{i}.{m}" for i in range(config.num_layers) for m in (
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+            "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")}
+        if known - valid:
+            raise ValueError(f"ModelConfig.quantized names modules this model does not have: {sorted(known - valid)[:4]}")
 
     def __call__(self, tokens, positions, cache=None, cache_index=0, kv_mask=None, *, last_only: bool = False):
         """Run the decoder on ``L`` new tokens per row.
@@ -487,6 +604,10 @@ class Transformer(nnx.Module):
 
     def logits(self, h: jax.Array) -> jax.Array:
         """float32 logits ``[..., V]`` of final-norm hidden states ``h [..., D]`` (tied or untied head)."""
+        if isinstance(self.lm_head, QuantizedLinear):
+            return self.lm_head.product(h)
+        if self.lm_head is None and isinstance(self.embed_tokens, QuantizedEmbed):
+            return self.embed_tokens.product(h)  # codes [V, D]: the tied head
         if self.lm_head is None:
             head = self.embed_tokens.embedding[...]  # [V, D]
             contract = ((h.ndim - 1,), (1,))
