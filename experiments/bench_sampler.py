@@ -5,6 +5,11 @@ template; both implementations decode greedily exactly ``--new-tokens`` tokens p
 (EOS ignored: ours ``ignore_eos=True``, torch ``min_new_tokens``) from the same token ids
 and the same (dequantised) weights, copied into a ``transformers`` model.
 
+Quantized weights: ``--quantized`` runs our model with the GGUF's block-quantized weight
+matrices kept as int8 codes + per-block scales (``load_pretrained(quantized=True)``), the
+same weight values as the float32 conversion torch gets; only the bytes streamed per step
+differ (1.125-1.25 per weight instead of 4). Greedy tokens must still agree with torch.
+
 Precision: the default compares float32 with float32. ``--param-dtype bfloat16
 --torch-dtype bfloat16`` compares our mixed-precision mode (bfloat16 weights, float32
 activations and KV cache, bfloat16 matmuls accumulated in float32) with torch's
@@ -20,7 +25,8 @@ Reported per B:
     persistent compilation cache is off unless ``--compilation-cache``, so this is a real compile);
   * peak RSS of the process (``ru_maxrss``) after our runs and after torch's;
   * the memory-bandwidth roofline of decode: every decode step reads all weights once
-    (the tied LM head reads the whole embedding table), so decode cannot exceed
+    (the tied LM head reads the whole embedding table; an untied model's embedding table is
+    only gathered, so it is left out), so decode cannot exceed
     ``B * bandwidth / weight bytes`` tok/s. The bandwidth is measured in the same run
     (a multi-threaded NumPy sum over a 1 GiB array, best of 3); each side's decode is
     reported as a fraction of that bound (KV-cache reads are left out, so the bound is
@@ -32,6 +38,8 @@ Usage::
     python experiments/bench_sampler.py --model smollm2-135m --batches 1,8 --new-tokens 64
     python experiments/bench_sampler.py --skip-torch --out /tmp/bench.json
     python experiments/bench_sampler.py --param-dtype bfloat16 --torch-dtype bfloat16   # bf16 weights on both sides
+    python experiments/bench_sampler.py --quantized                   # int8 codes + scales vs torch float32
+    python experiments/bench_sampler.py --quantized --param-dtype bfloat16 --torch-dtype bfloat16
 
 The machine is shared: the script prints the 1-minute load average before and after each
 measurement so disturbed figures can be recognised and re-run.
@@ -94,10 +102,15 @@ def measure_read_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
 
 
 def weight_bytes(loaded) -> int:
-    """Bytes of all parameters (what one decode step reads)."""
+    """Bytes one decode step streams: every parameter except, when the LM head is untied,
+    the embedding table (a step gathers one row of it per token; Qwen2.5's GGUF has its own
+    ``output.weight``, so its 136M-entry table is not read by the matmuls)."""
     from flax import nnx
 
-    return int(sum(x.nbytes for x in jax.tree.leaves(nnx.state(loaded.model, nnx.Param))))
+    total = sum(x.nbytes for x in jax.tree.leaves(nnx.state(loaded.model, nnx.Param)))
+    if not loaded.config.tie_word_embeddings:
+        total -= sum(x.nbytes for x in jax.tree.leaves(nnx.state(loaded.model.embed_tokens, nnx.Param)))
+    return int(total)
 
 
 def load_questions(data_dir: str, count: int) -> list[str]:

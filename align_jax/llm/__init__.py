@@ -2,6 +2,7 @@
 
 from align_jax.llm.logits import ban_tokens, compose_processors, sample_tokens
 from align_jax.llm.model import KVCache, ModelConfig, Transformer, forward, init_cache
+from align_jax.llm.quant import QUANTIZED_GGUF_TYPES, QuantizedTensor, quantized_matmul, unpack_gguf
 from align_jax.llm.registry import MODELS, ModelPackageError, resolve_gguf
 from align_jax.llm.sampler import SampleOutput, Sampler, SamplerStepState, enable_compilation_cache
 from align_jax.llm.scoring import ScoreOutput, score_continuations
@@ -26,6 +27,10 @@ __all__ = [
     "Transformer",
     "forward",
     "init_cache",
+    "QUANTIZED_GGUF_TYPES",
+    "QuantizedTensor",
+    "quantized_matmul",
+    "unpack_gguf",
     "MODELS",
     "ModelPackageError",
     "resolve_gguf",

@@ -23,6 +23,10 @@ One readable file, in the style of the Flax NNX Gemma example and jax-llm-exampl
   on the bfloat16 matrix units (AMX / AVX512-BF16) 2.5-4x faster than float32 for
   8 or more rows, but 3-10x *slower* for fewer rows, so :func:`matmul` pads the
   rows to :data:`MIN_MATMUL_ROWS` (a batch-1 decode step multiplies 8 rows).
+* Quantized weights: the modules ``ModelConfig.quantized`` lists hold a GGUF's block-quantized
+  matrices as int8 codes + per-block scales (:class:`QuantizedLinear`, :class:`QuantizedEmbed`,
+  :mod:`align_jax.llm.quant`) and multiply through a native XLA:CPU kernel that streams the
+  codes: the same weight values as the float32 model at about a quarter of the bytes.
 
 Shapes use B batch, L new tokens, S cache slots, V vocabulary, D hidden size,
 H query heads, Hkv key/value heads, G = H / Hkv, hd head dimension.
@@ -88,8 +92,11 @@ class ModelConfig:
         triples: ``path`` is ``"layers.{i}.self_attn.{q,k,v,o}_proj"``,
         ``"layers.{i}.mlp.{gate,up,down}_proj"``, ``"embed_tokens"`` or ``"lm_head"``.
         Such a module holds int8 ``codes [out, in]``, float32 ``scale [out, in / bs]`` and
-        optionally ``offset`` instead of a float kernel (see :mod:`align_jax.llm.quant`);
-        ``param_dtype`` does not apply to them. Empty (the default): a dense model.
+        optionally ``offset`` instead of a float kernel (see :mod:`align_jax.llm.quant`).
+        Their storage does not follow ``param_dtype``; their arithmetic does: with bfloat16
+        parameters they multiply bfloat16-rounded inputs and weights with float32
+        accumulation (the dense mixed-precision arithmetic, on AMX tile units where the
+        CPU has them), else exactly in float32. Empty (the default): a dense model.
     """
 
     arch: str
@@ -344,10 +351,17 @@ class Embed(nnx.Module):
         return jnp.take(self.embedding[...], tokens, axis=0).astype(self.out_dtype)
 
 
+def _compute_dtype(param_dtype) -> str:
+    """A quantized module multiplies in bfloat16 (x and w rounded, float32 accumulation) when the
+    model's parameter dtype is bfloat16, as the dense mixed-precision mode does; else in float32."""
+    return "bfloat16" if param_dtype == jnp.bfloat16 else "float32"
+
+
 class _BlockQuantized(nnx.Module):
     """Holds ``codes`` int8 ``[N, K]``, ``scale`` float32 ``[N, K / bs]`` and optionally ``offset``."""
 
-    def _init_codes(self, n: int, k: int, block_size: int, has_offset: bool, rngs) -> None:
+    def _init_codes(self, n: int, k: int, block_size: int, has_offset: bool, rngs, compute_dtype: str) -> None:
+        self.compute_dtype = compute_dtype
         if k % block_size:
             raise ValueError(f"{type(self).__name__}: size {k} is not a multiple of block_size {block_size}")
         nb = k // block_size
@@ -358,19 +372,20 @@ class _BlockQuantized(nnx.Module):
     def product(self, x: jax.Array) -> jax.Array:
         """float32 ``x [..., K] @ w.T`` with ``w = scale * codes + offset`` (no bias)."""
         offset = None if self.offset is None else self.offset[...]
-        return quantized_matmul(x, self.codes[...], self.scale[...], offset)
+        return quantized_matmul(x, self.codes[...], self.scale[...], offset, self.compute_dtype)
 
 
 class QuantizedLinear(_BlockQuantized):
     """``y = x @ w.T (+ bias)`` for a block-quantized ``w [out, in]`` (see :mod:`align_jax.llm.quant`).
 
     Parameters: ``codes`` int8 ``[out, in]``, ``scale`` float32 ``[out, in / bs]``, ``offset``
-    float32 ``[out, in / bs]`` or None, ``bias [out]``. The product is computed in float32
-    by :func:`~align_jax.llm.quant.quantized_matmul` and returned in ``x.dtype``.
+    float32 ``[out, in / bs]`` or None, ``bias [out]``. The product is computed by
+    :func:`~align_jax.llm.quant.quantized_matmul` (in float32, or in bfloat16 accumulated in
+    float32 when the model's ``param_dtype`` is bfloat16) and returned in ``x.dtype``.
     """
 
     def __init__(self, din: int, dout: int, bias: bool, block_size: int, has_offset: bool, dtype, rngs):
-        self._init_codes(dout, din, block_size, has_offset, rngs)
+        self._init_codes(dout, din, block_size, has_offset, rngs, _compute_dtype(dtype))
         self.bias = _param(rngs, (dout,), dtype, "zeros") if bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -387,8 +402,8 @@ class QuantizedEmbed(_BlockQuantized):
     :meth:`product` is the tied LM head.
     """
 
-    def __init__(self, vocab: int, dim: int, block_size: int, has_offset: bool, rngs, out_dtype):
-        self._init_codes(vocab, dim, block_size, has_offset, rngs)
+    def __init__(self, vocab: int, dim: int, block_size: int, has_offset: bool, rngs, out_dtype, dtype):
+        self._init_codes(vocab, dim, block_size, has_offset, rngs, _compute_dtype(dtype))
         self.out_dtype = out_dtype
 
     def __call__(self, tokens: jax.Array) -> jax.Array:
@@ -524,7 +539,7 @@ class Transformer(nnx.Module):
         if embed_quant:
             block, has_offset = embed_quant[0]
             self.embed_tokens = QuantizedEmbed(config.vocab_size, config.hidden_size, block, has_offset,
-                                               rngs, config.jnp_dtype)
+                                               rngs, config.jnp_dtype, dtype)
         else:
             self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype, rngs, config.jnp_dtype)
         self.layers = nnx.List([DecoderLayer(config, rngs=rngs, path=f"layers.{i}") for i in range(config.num_layers)])

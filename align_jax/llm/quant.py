@@ -55,6 +55,7 @@ __all__ = [
     "dequantize",
     "quantized_matmul",
     "quantize_q8_0",
+    "COMPUTE_DTYPES",
 ]
 
 
@@ -191,19 +192,33 @@ def dequantize(codes: jax.Array, scale: jax.Array, offset: jax.Array | None) -> 
     return w.reshape(n, k)
 
 
-def _xla_matmul(x2, codes, scale, offset):
+def _xla_matmul(x2, codes, scale, offset, compute_dtype="float32"):
     w = dequantize(codes, scale, offset)
+    if compute_dtype == "bfloat16":
+        x2, w = x2.astype(jnp.bfloat16), w.astype(jnp.bfloat16)
     return jax.lax.dot_general(x2, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
 
 
-def quantized_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array | None = None) -> jax.Array:
+COMPUTE_DTYPES = ("float32", "bfloat16")
+
+
+def quantized_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: jax.Array | None = None,
+                     compute_dtype: str = "float32") -> jax.Array:
     """``x [..., K] @ w.T`` for the block-quantized ``w [N, K]``; float32 ``[..., N]``.
 
     ``w = scale * codes + offset`` per block (``block_size = K / scale.shape[1]``).
-    Computed in float32 whatever ``x.dtype`` is. On the CPU the native kernel streams the
-    int8 codes (falling back to XLA when it cannot be built); on other backends XLA
-    dequantizes and multiplies.
+
+    ``compute_dtype="float32"`` (default): the exact float32 product of ``x`` and ``w``
+    (only the summation order differs from a dense matmul). ``"bfloat16"``: ``x`` and
+    ``w`` are rounded to bfloat16 and the products accumulated in float32, the same
+    arithmetic as a dense model with ``param_dtype="bfloat16"``; on CPUs with AMX tile
+    units the native kernel then runs products of 16 or more rows on them.
+
+    On the CPU the native kernel streams the int8 codes (falling back to XLA when it cannot
+    be built); on other backends XLA dequantizes and multiplies.
     """
+    if compute_dtype not in COMPUTE_DTYPES:
+        raise ValueError(f"quantized_matmul: compute_dtype={compute_dtype!r}; expected one of {COMPUTE_DTYPES}")
     from align_jax.llm import kernels
 
     lead, k = x.shape[:-1], x.shape[-1]
@@ -221,9 +236,13 @@ def quantized_matmul(x: jax.Array, codes: jax.Array, scale: jax.Array, offset: j
         def native(x2, codes, scale, offset):
             call = jax.ffi.ffi_call(kernels.QMATMUL_TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32),
                                     vmap_method="sequential")
-            return call(x2, codes, scale, no_offset if offset is None else offset, block_size=np.int64(block))
+            return call(x2, codes, scale, no_offset if offset is None else offset, block_size=np.int64(block),
+                        bf16=np.int64(compute_dtype == "bfloat16"))
 
-        out = jax.lax.platform_dependent(x2, codes, scale, offset, cpu=native, default=_xla_matmul)
+        def fallback(x2, codes, scale, offset):
+            return _xla_matmul(x2, codes, scale, offset, compute_dtype)
+
+        out = jax.lax.platform_dependent(x2, codes, scale, offset, cpu=native, default=fallback)
     else:
-        out = _xla_matmul(x2, codes, scale, offset)
+        out = _xla_matmul(x2, codes, scale, offset, compute_dtype)
     return out.reshape(*lead, n)

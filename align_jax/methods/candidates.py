@@ -342,12 +342,14 @@ class ModelPool:
       dtype: ``"float32"`` or ``"bfloat16"`` for ``load_pretrained``.
       param_dtype: weight dtype for ``load_pretrained`` (None = ``dtype``).
       preloaded: optional ``{name: LoadedModel}`` used instead of loading (tests).
+      quantized: ``load_pretrained(quantized=...)``: keep GGUF block-quantized weights.
     """
 
     def __init__(self, dtype: str = "float32", preloaded: Optional[Mapping[str, object]] = None,
-                 param_dtype: Optional[str] = None):
+                 param_dtype: Optional[str] = None, quantized: bool = False):
         self.dtype = dtype
         self.param_dtype = param_dtype
+        self.quantized = quantized
         self._loaded: dict[str, object] = dict(preloaded or {})
         self._samplers: dict[str, object] = {}
         self._split: dict[str, tuple] = {}
@@ -357,7 +359,8 @@ class ModelPool:
         if name not in self._loaded:
             from align_jax.llm.weights import load_pretrained
 
-            self._loaded[name] = load_pretrained(name, dtype=self.dtype, param_dtype=self.param_dtype)
+            self._loaded[name] = load_pretrained(name, dtype=self.dtype, param_dtype=self.param_dtype,
+                                                 quantized=self.quantized)
         return self._loaded[name]
 
     def tokenizer(self, name: str):

@@ -225,6 +225,10 @@ class ReasonConfig:
       dtype: activation / KV-cache dtype (``float32`` or ``bfloat16``).
       param_dtype: weight dtype (None = ``dtype``); ``bfloat16`` with ``dtype: float32`` is
         the mixed-precision mode, about 2x faster on CPUs with bfloat16 matrix units.
+      quantized: keep the GGUF's block-quantized weights as int8 codes + scales
+        (``load_pretrained(quantized=True)``): the same weights in a quarter of the memory,
+        3-4x faster decoding on a CPU. Combined with ``param_dtype: bfloat16`` the products
+        run in bfloat16 (on AMX tile units where available), fastest for large batches.
       output_dir: parent of run directories.
     """
 
@@ -245,6 +249,7 @@ class ReasonConfig:
     bootstrap_samples: int = 2000
     dtype: str = "float32"
     param_dtype: Optional[str] = None
+    quantized: bool = False
     output_dir: str = "runs"
 
     def __post_init__(self):
@@ -320,6 +325,8 @@ def _settings_hash(config: ReasonConfig) -> str:
     data = config_to_dict(config)
     for key in ("limit", "output_dir", "bootstrap_samples", "name"):
         data.pop(key, None)
+    if not data.get("quantized"):
+        data.pop("quantized", None)  # runs from before the option keep their hash
     return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -573,7 +580,8 @@ def run_reason(config: ReasonConfig, *, progress: bool = True, figures: bool = T
             )
     _atomic_write(out / "config.json", json.dumps(config_to_dict(config), indent=2, sort_keys=True))
     agents = _agent_specs(config)
-    pool = pool if pool is not None else ModelPool(dtype=config.dtype, param_dtype=config.param_dtype)
+    pool = pool if pool is not None else ModelPool(dtype=config.dtype, param_dtype=config.param_dtype,
+                                                   quantized=config.quantized)
     base_key = jax.random.key(config.seed)
     b = config.batch_questions
     windows = [problems[j:j + b] for j in range(0, len(problems), b)]

@@ -315,3 +315,47 @@ def test_truncated_quantized_tensor_names_it(tmp_path):
     path.write_bytes(data[: len(data) - 100])
     with pytest.raises(WeightsError, match=r"tiny|qwen2\.gguf"):
         load_gguf(path, quantized=True)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 5, 8, 9, 15, 16, 17, 33, 40])
+@pytest.mark.parametrize("block,with_offset", [(32, True), (16, False)])
+def test_bfloat16_compute_matches_xla_bfloat16(rows, block, with_offset):
+    """compute_dtype="bfloat16": x and w rounded to bfloat16, float32 accumulation, whichever path
+    runs (pair dot products for few rows, AMX tiles from 16 rows where the CPU has them, partial
+    tiles and column tails included: N = 40, rows not multiples of 16)."""
+    rng = np.random.default_rng(rows + block)
+    n, k = 40, 128
+    codes, scale, offset = _problem(rng, n, k, block, with_offset)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    args = (jnp.asarray(codes), jnp.asarray(scale), None if offset is None else jnp.asarray(offset))
+    got = np.asarray(jax.jit(Q.quantized_matmul, static_argnames="compute_dtype")(
+        jnp.asarray(x), *args, compute_dtype="bfloat16"))
+    want = np.asarray(jax.jit(Q._xla_matmul, static_argnames="compute_dtype")(
+        jnp.asarray(x), *args, compute_dtype="bfloat16"))
+    exact = np.asarray(jax.jit(Q.quantized_matmul)(jnp.asarray(x), *args))
+    scale_ = np.abs(want).max()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * scale_)
+    assert np.abs(got - exact).max() > 1e-5 * scale_  # really rounded to bfloat16
+    with pytest.raises(ValueError, match="compute_dtype='float16'"):
+        Q.quantized_matmul(jnp.asarray(x), *args, compute_dtype="float16")
+
+
+def test_quantized_bfloat16_model(tmp_path):
+    """``param_dtype="bfloat16"`` on a quantized model: bfloat16 products (rounded inputs and
+    weights, float32 accumulation), an error of the dense bfloat16 model's size, and the same
+    logits for a row whether its batch takes the tile path (many rows) or not (one prompt)."""
+    path, _ = _tiny_torch_gguf(tmp_path, "qwen2", ["Q8_0", "Q4_1"])
+    dense32 = load_gguf(path)
+    dense16 = load_gguf(path, param_dtype="bfloat16")
+    quantized = load_gguf(path, quantized=True, param_dtype="bfloat16")
+    assert quantized.model.layers[0].mlp.up_proj.compute_dtype == "bfloat16"
+    assert load_gguf(path, quantized=True).model.layers[0].mlp.up_proj.compute_dtype == "float32"
+    tokens = np.tile(TOKENS, (9, 1))  # 18 prompts x 12 positions = 216 rows per product
+    positions = np.tile(POSITIONS, (9, 1))
+    reference = np.asarray(run_model(dense32.model, tokens, positions)[0])
+    dense_err = np.abs(np.asarray(run_model(dense16.model, tokens, positions)[0]) - reference).max()
+    batch = np.asarray(run_model(quantized.model, tokens, positions)[0])
+    quant_err = np.abs(batch - reference).max()
+    assert 0.1 * dense_err < quant_err < 2 * dense_err
+    single = np.asarray(run_model(quantized.model, TOKENS[:1], POSITIONS[:1])[0])  # 12 rows per product
+    np.testing.assert_allclose(single[0], batch[0], rtol=0, atol=1e-4 * np.abs(reference).max())

@@ -39,6 +39,10 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 #endif
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -98,17 +102,36 @@ inline float hsum(f32x16 v) {
 inline f32x16 splat(float s) { return f32x16{} + s; }
 
 struct Problem {
-  const float* x;        // [M, K]
+  const float* x;        // [M, K] (in bfloat16 mode: already rounded to bfloat16 values)
   const int8_t* codes;   // [N, K]
   const float* scale;    // [N, nb]
   const float* offset;   // [N, nb] or nullptr
   float* y;              // [M, N]
   int64_t M, K, N, block, nb;
+  bool bf16;             // round the dequantized weights to bfloat16 (the model's bfloat16 mode)
+  const uint16_t* xa;    // x as the AMX column operand (see amx_x_operand), else nullptr
+  const uint16_t* xb;    // bfloat16 mode with few rows: x as bfloat16 [M, K] (K % 32 == 0), else nullptr
+  int block_shift;       // log2(block)
 };
 
-// Dequantized 16 weights of code row n from column k, with the block's scale and offset.
+// float32 -> nearest-even bfloat16 value, kept in float32 (what vcvtneps2bf16 rounds to;
+// the bit trick is portable and the inputs are finite).
+inline f32x16 round_bf16(f32x16 v) {
+  typedef uint32_t u32x16 __attribute__((vector_size(64)));
+  u32x16 u;
+  std::memcpy(&u, &v, sizeof(u));
+  u = (u + 0x7FFFu + ((u >> 16) & 1u)) & 0xFFFF0000u;
+  std::memcpy(&v, &u, sizeof(v));
+  return v;
+}
+
+// Dequantized 16 weights of code row n from column k, with the block's scale and offset
+// (rounded to bfloat16 values in bfloat16 mode, BF).
+template <bool BF>
 inline f32x16 dequant(const Problem& p, int64_t n, int64_t k, float s, float o) {
-  return load_codes(p.codes + n * p.K + k) * splat(s) + splat(o);
+  const f32x16 w = load_codes(p.codes + n * p.K + k) * splat(s) + splat(o);
+  if constexpr (BF) return round_bf16(w);
+  return w;
 }
 
 inline float scale_of(const Problem& p, int64_t n, int64_t j) { return p.scale[n * p.nb + j]; }
@@ -117,9 +140,17 @@ inline float offset_of(const Problem& p, int64_t n, int64_t j) {
 }
 
 // Rows [0, M) (M <= kDirectRows) times code rows [n, n + NT), dequantizing in registers.
-template <int NT, int MR>
+// How many groups of NT code rows ahead the direct paths prefetch: at least ~kPrefetchBytes
+// ahead, so the lines arrive before they are needed even for short rows.
+constexpr int64_t kPrefetchBytes = 8192;
+inline int64_t prefetch_rows(int64_t nt, int64_t k) {
+  const int64_t groups = (kPrefetchBytes + nt * k - 1) / (nt * k);
+  return nt * (groups < 1 ? 1 : groups);
+}
+
+template <bool BF, int NT, int MR>
 void direct_tile(const Problem& p, int64_t n) {
-  const int8_t* next = p.codes + (n + NT) * p.K;
+  const int8_t* next = p.codes + (n + prefetch_rows(NT, p.K)) * p.K;
   f32x16 acc[NT][MR];
   for (int a = 0; a < NT; ++a)
     for (int b = 0; b < MR; ++b) acc[a][b] = f32x16{};
@@ -134,7 +165,7 @@ void direct_tile(const Problem& p, int64_t n) {
       // (short rows interleaved 4 ways defeat the hardware prefetcher).
       __builtin_prefetch(next + NT * k);
       f32x16 w[NT];
-      for (int a = 0; a < NT; ++a) w[a] = dequant(p, n + a, k, s[a], o[a]);
+      for (int a = 0; a < NT; ++a) w[a] = dequant<BF>(p, n + a, k, s[a], o[a]);
       for (int b = 0; b < MR; ++b) {
         const f32x16 xv = load_f32(p.x + b * p.K + k);
         for (int a = 0; a < NT; ++a) acc[a][b] += w[a] * xv;
@@ -145,27 +176,82 @@ void direct_tile(const Problem& p, int64_t n) {
     for (int a = 0; a < NT; ++a) p.y[b * p.N + n + a] = hsum(acc[a][b]);
 }
 
-// 5 to 8 rows: at most two code rows at a time, so the accumulators fit in registers.
+#if defined(__AVX512BF16__)
+// bfloat16 mode, rows [0, MR): each 32 dequantized weights are rounded to bfloat16 pairs
+// (vcvtne2ps2bf16) and multiplied with the bfloat16 x by the pair dot product
+// (vdpbf16ps, float32 accumulation): fewer instructions than rounding in float32 and the
+// same arithmetic as the tile unit. xb: x as bfloat16, [M, K].
 template <int NT, int MR>
-void direct_wide(const Problem& p, int64_t n) {
+void direct_tile_bf16(const Problem& p, const uint16_t* xb, int64_t n) {
+  const int8_t* next = p.codes + (n + prefetch_rows(NT, p.K)) * p.K;
+  __m512 acc[NT][MR];
+  for (int a = 0; a < NT; ++a)
+    for (int b = 0; b < MR; ++b) acc[a][b] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < p.K; k += 32) {
+    __builtin_prefetch(next + NT * k);
+    __builtin_prefetch(next + NT * k + 64);
+    const int64_t j0 = k >> p.block_shift, j1 = (k + 16) >> p.block_shift;
+    __m512bh w[NT];
+    for (int a = 0; a < NT; ++a) {
+      const f32x16 lo = dequant<false>(p, n + a, k, scale_of(p, n + a, j0), offset_of(p, n + a, j0));
+      const f32x16 hi = dequant<false>(p, n + a, k + 16, scale_of(p, n + a, j1), offset_of(p, n + a, j1));
+      w[a] = _mm512_cvtne2ps_pbh((__m512)hi, (__m512)lo);
+    }
+    for (int b = 0; b < MR; ++b) {
+      const __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + b * p.K + k);
+      for (int a = 0; a < NT; ++a) acc[a][b] = _mm512_dpbf16_ps(acc[a][b], w[a], xv);
+    }
+  }
+  for (int b = 0; b < MR; ++b)
+    for (int a = 0; a < NT; ++a) p.y[b * p.N + n + a] = hsum((f32x16)acc[a][b]);
+}
+
+// 5 to 8 rows: two code rows at a time, as in the float32 path.
+template <int NT, int MR>
+void direct_wide_bf16(const Problem& p, const uint16_t* xb, int64_t n) {
   if constexpr (NT == 1) {
-    direct_tile<1, MR>(p, n);
+    direct_tile_bf16<1, MR>(p, xb, n);
   } else {
-    for (int a = 0; a < NT; a += 2) direct_tile<2, MR>(p, n + a);
+    for (int a = 0; a < NT; a += 2) direct_tile_bf16<2, MR>(p, xb, n + a);
   }
 }
 
 template <int NT>
+void direct_rows_bf16(const Problem& p, const uint16_t* xb, int64_t n) {
+  switch (p.M) {
+    case 1: direct_tile_bf16<NT, 1>(p, xb, n); break;
+    case 2: direct_tile_bf16<NT, 2>(p, xb, n); break;
+    case 3: direct_tile_bf16<NT, 3>(p, xb, n); break;
+    case 4: direct_tile_bf16<NT, 4>(p, xb, n); break;
+    case 5: direct_wide_bf16<NT, 5>(p, xb, n); break;
+    case 6: direct_wide_bf16<NT, 6>(p, xb, n); break;
+    case 7: direct_wide_bf16<NT, 7>(p, xb, n); break;
+    default: direct_wide_bf16<NT, 8>(p, xb, n); break;
+  }
+}
+#endif
+
+// 5 to 8 rows: at most two code rows at a time, so the accumulators fit in registers.
+template <bool BF, int NT, int MR>
+void direct_wide(const Problem& p, int64_t n) {
+  if constexpr (NT == 1) {
+    direct_tile<BF, 1, MR>(p, n);
+  } else {
+    for (int a = 0; a < NT; a += 2) direct_tile<BF, 2, MR>(p, n + a);
+  }
+}
+
+template <bool BF, int NT>
 void direct_rows(const Problem& p, int64_t n) {
   switch (p.M) {
-    case 1: direct_tile<NT, 1>(p, n); break;
-    case 2: direct_tile<NT, 2>(p, n); break;
-    case 3: direct_tile<NT, 3>(p, n); break;
-    case 4: direct_tile<NT, 4>(p, n); break;
-    case 5: direct_wide<NT, 5>(p, n); break;
-    case 6: direct_wide<NT, 6>(p, n); break;
-    case 7: direct_wide<NT, 7>(p, n); break;
-    default: direct_wide<NT, 8>(p, n); break;
+    case 1: direct_tile<BF, NT, 1>(p, n); break;
+    case 2: direct_tile<BF, NT, 2>(p, n); break;
+    case 3: direct_tile<BF, NT, 3>(p, n); break;
+    case 4: direct_tile<BF, NT, 4>(p, n); break;
+    case 5: direct_wide<BF, NT, 5>(p, n); break;
+    case 6: direct_wide<BF, NT, 6>(p, n); break;
+    case 7: direct_wide<BF, NT, 7>(p, n); break;
+    default: direct_wide<BF, NT, 8>(p, n); break;
   }
 }
 
@@ -202,7 +288,7 @@ void panel_rows(const Problem& p, const float* panel, int64_t n, int64_t m0, int
   }
 }
 
-template <int NT>
+template <bool BF, int NT>
 void fill_panel(const Problem& p, float* panel, int64_t n) {
   const int8_t* next = p.codes + (n + NT) * p.K;  // the next group, prefetched as above
   for (int a = 0; a < NT; ++a)
@@ -210,18 +296,205 @@ void fill_panel(const Problem& p, float* panel, int64_t n) {
       const float s = scale_of(p, n + a, j), o = offset_of(p, n + a, j);
       for (int64_t k = j * p.block; k < (j + 1) * p.block; k += kLanes) {
         __builtin_prefetch(next + a * p.K + k);
-        store_f32(panel + a * p.K + k, dequant(p, n + a, k, s, o));
+        store_f32(panel + a * p.K + k, dequant<BF>(p, n + a, k, s, o));
       }
     }
 }
 
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+// ---------------------------------------------------------------------------------------
+// bfloat16 mode on CPUs with AMX, computed transposed: y^T [16 n x 16 m] tiles +=
+// w_bf16 [16 n x 32 k] . x_bf16 [32 k x 16 m], accumulated in float32 by the tile unit
+// (TDPBF16PS). The weights are the row operand, so dequantized codes go into a tile as
+// they are (16 rows of 32 bfloat16, one 1 KiB tile per 32 k: no reshuffling); x is the
+// column operand, laid out once per call as the tile unit wants it (pairs of consecutive
+// k of one row side by side: xb[m / 16][k / 32][k % 32 / 2][m % 16][k % 2]); each output
+// tile is transposed once, when its K loop is done. Tiles: 0-3 the 2 x 2 outputs
+// (32 columns x 32 rows), 4-5 two weight tiles, 6-7 two x tiles.
+constexpr int kAmxRows = 16;  // the AMX path is used from this many rows of x
+
+bool amx_permitted() {
+  static const bool ok = [] {
+    constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;  // <asm/prctl.h>
+    return syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0;
+  }();
+  return ok;
+}
+
+struct TileConfig {
+  uint8_t palette_id;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+};
+
+void configure_tiles() {
+  TileConfig cfg;
+  std::memset(&cfg, 0, sizeof(cfg));
+  cfg.palette_id = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.colsb[t] = 64;
+    cfg.rows[t] = 16;
+  }
+  _tile_loadconfig(&cfg);
+}
+
+// 16 x 16 transpose of 32-bit words: rows[c] (16 words) -> out[r * 16 + c] = rows[c][r].
+inline void transpose16(const __m512i rows[16], uint32_t* out) {
+  __m512i t[16], u[16];
+  for (int i = 0; i < 16; i += 2) {
+    t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
+    t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
+  }
+  for (int i = 0; i < 16; i += 4) {
+    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+  }
+  // u[4g + j] holds, in each 128-bit lane L, words r = 4L + j of rows 4g .. 4g + 3.
+  for (int j = 0; j < 4; ++j) {
+    const __m512i a = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88);  // lanes 0, 2 of g0 | g1
+    const __m512i b = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xDD);  // lanes 1, 3
+    const __m512i c = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88);
+    const __m512i d = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xDD);
+    _mm512_storeu_si512(out + (0 + j) * 16, _mm512_shuffle_i32x4(a, c, 0x88));   // r = j
+    _mm512_storeu_si512(out + (8 + j) * 16, _mm512_shuffle_i32x4(a, c, 0xDD));   // r = 8 + j
+    _mm512_storeu_si512(out + (4 + j) * 16, _mm512_shuffle_i32x4(b, d, 0x88));   // r = 4 + j
+    _mm512_storeu_si512(out + (12 + j) * 16, _mm512_shuffle_i32x4(b, d, 0xDD));  // r = 12 + j
+  }
+}
+
+// x (already bfloat16 values in float32) -> xb [Mp / 16][K / 32][16][16][2] bfloat16, rows >= M zero.
+std::vector<uint16_t> amx_x_operand(const float* x, int64_t M, int64_t K) {
+  const int64_t m_tiles = (M + 15) / 16, kbs = K / 32;
+  std::vector<uint16_t> xb(m_tiles * 16 * K, 0);
+  uint32_t* pairs = reinterpret_cast<uint32_t*>(xb.data());  // one word = (k even, k odd) of one row
+  for (int64_t m = 0; m < M; ++m) {
+    const uint32_t* bits = reinterpret_cast<const uint32_t*>(x + m * K);
+    uint32_t* tile = pairs + (m / 16) * kbs * 256 + (m % 16);
+    for (int64_t kb = 0; kb < kbs; ++kb, tile += 256)
+      for (int r = 0; r < 16; ++r)  // word r of the tile row m % 16: k = 32 kb + 2 r, + 1
+        tile[r * 16] = (bits[kb * 32 + 2 * r] >> 16) | (bits[kb * 32 + 2 * r + 1] & 0xFFFF0000u);
+  }
+  return xb;
+}
+
+// Weight rows [n, n + 16) dequantized to bfloat16: panel [K / 32][16][32].
+void fill_amx_panel(const Problem& p, uint16_t* panel, int64_t n) {
+  // The next 16 code rows (16 * K contiguous bytes) are prefetched while these are read.
+  const int8_t* next = p.codes + (n + 16) * p.K;
+  const int8_t* next_end = p.codes + p.N * p.K;
+  for (int c = 0; c < 16; ++c) {
+    const int8_t* row = p.codes + (n + c) * p.K;
+    for (int64_t k = 0; k < p.K; k += 32) {
+      const int8_t* ahead = next + c * p.K + k;
+      if (ahead < next_end && (k & 63) == 0) __builtin_prefetch(ahead);
+      const int64_t j0 = k >> p.block_shift, j1 = (k + 16) >> p.block_shift;
+      const f32x16 w0 = load_codes(row + k) * splat(scale_of(p, n + c, j0)) + splat(offset_of(p, n + c, j0));
+      const f32x16 w1 = load_codes(row + k + 16) * splat(scale_of(p, n + c, j1)) + splat(offset_of(p, n + c, j1));
+      const __m512bh pair = _mm512_cvtne2ps_pbh((__m512)w1, (__m512)w0);  // k .. k + 31 in order
+      std::memcpy(panel + ((k / 32) * 16 + c) * 32, &pair, 64);
+    }
+  }
+}
+
+// Columns [n0, n1) (multiples of 16) of every row through the tile unit.
+void amx_columns(const Problem& p, int64_t n0, int64_t n1) {
+  configure_tiles();
+  thread_local std::vector<uint16_t> scratch;
+  const int64_t kbs = p.K / 32;
+  const size_t panel_size = static_cast<size_t>(kbs) * 512;
+  if (scratch.size() < 2 * panel_size) scratch.resize(2 * panel_size);
+  uint16_t* panel0 = scratch.data();
+  uint16_t* panel1 = panel0 + panel_size;
+  alignas(64) float tile[16 * 16];
+  alignas(64) uint32_t transposed[16 * 16];
+  const int64_t m_tiles = (p.M + 15) / 16;
+  for (int64_t n = n0; n < n1; n += 32) {
+    const bool two = n + 16 < n1;
+    fill_amx_panel(p, panel0, n);
+    if (two) fill_amx_panel(p, panel1, n + 16);
+    for (int64_t mt = 0; mt < m_tiles; mt += 2) {
+      const bool rows2 = mt + 1 < m_tiles;
+      const uint16_t* x0 = p.xa + mt * kbs * 512;
+      const uint16_t* x1 = x0 + kbs * 512;
+      _tile_zero(0);
+      _tile_zero(1);
+      _tile_zero(2);
+      _tile_zero(3);
+      for (int64_t kb = 0; kb < kbs; ++kb) {
+        _tile_loadd(4, panel0 + kb * 512, 64);
+        _tile_loadd(6, x0 + kb * 512, 64);
+        _tile_dpbf16ps(0, 4, 6);
+        if (rows2) {
+          _tile_loadd(7, x1 + kb * 512, 64);
+          _tile_dpbf16ps(1, 4, 7);
+        }
+        if (two) {
+          _tile_loadd(5, panel1 + kb * 512, 64);
+          _tile_dpbf16ps(2, 5, 6);
+          if (rows2) _tile_dpbf16ps(3, 5, 7);
+        }
+      }
+      // Output tile t = (column half, row half); transpose y^T to y, drop padding rows.
+      for (int t = 0; t < 4; ++t) {
+        const bool second_cols = t >> 1, second_rows = t & 1;
+        if ((second_cols && !two) || (second_rows && !rows2)) continue;
+        switch (t) {
+          case 0: _tile_stored(0, tile, 64); break;
+          case 1: _tile_stored(1, tile, 64); break;
+          case 2: _tile_stored(2, tile, 64); break;
+          default: _tile_stored(3, tile, 64); break;
+        }
+        __m512i rows[16];
+        for (int r = 0; r < 16; ++r) rows[r] = _mm512_load_si512(tile + r * 16);
+        transpose16(rows, transposed);
+        const int64_t m0 = (mt + second_rows) * 16, nc = n + (second_cols ? 16 : 0);
+        for (int r = 0; r < 16 && m0 + r < p.M; ++r) std::memcpy(p.y + (m0 + r) * p.N + nc, transposed + r * 16, 64);
+      }
+    }
+  }
+  _tile_release();
+}
+#endif
+
+template <bool BF>
+void fma_columns(const Problem& p, int64_t n0, int64_t n1);
+
 // Output columns [n0, n1) for all rows.
 void run_columns(const Problem& p, int64_t n0, int64_t n1) {
   if (n0 >= n1) return;
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+  if (p.xa != nullptr) {
+    const int64_t whole = n0 + (n1 - n0) / 16 * 16;
+    if (whole > n0) amx_columns(p, n0, whole);
+    n0 = whole;
+    if (n0 >= n1) return;
+  }
+#endif
+  if (p.bf16)
+    fma_columns<true>(p, n0, n1);
+  else
+    fma_columns<false>(p, n0, n1);
+}
+
+// Output columns [n0, n1) for all rows on the vector units (float32 multiply-adds).
+template <bool BF>
+void fma_columns(const Problem& p, int64_t n0, int64_t n1) {
+#if defined(__AVX512BF16__)
+  if (BF && p.xb != nullptr && p.M <= kDirectRows) {
+    int64_t n = n0;
+    for (; n + kNT <= n1; n += kNT) direct_rows_bf16<kNT>(p, p.xb, n);
+    for (; n < n1; ++n) direct_rows_bf16<1>(p, p.xb, n);
+    return;
+  }
+#endif
   if (p.M <= kDirectRows) {
     int64_t n = n0;
-    for (; n + kNT <= n1; n += kNT) direct_rows<kNT>(p, n);
-    for (; n < n1; ++n) direct_rows<1>(p, n);
+    for (; n + kNT <= n1; n += kNT) direct_rows<BF, kNT>(p, n);
+    for (; n < n1; ++n) direct_rows<BF, 1>(p, n);
     return;
   }
   thread_local std::vector<float> scratch;
@@ -231,11 +504,11 @@ void run_columns(const Problem& p, int64_t n0, int64_t n1) {
     const int64_t me = mb + kMB < p.M ? mb + kMB : p.M;
     int64_t n = n0;
     for (; n + kNT <= n1; n += kNT) {
-      fill_panel<kNT>(p, panel, n);
+      fill_panel<BF, kNT>(p, panel, n);
       panel_rows<kNT>(p, panel, n, mb, me);
     }
     for (; n < n1; ++n) {
-      fill_panel<1>(p, panel, n);
+      fill_panel<BF, 1>(p, panel, n);
       panel_rows<1>(p, panel, n, mb, me);
     }
   }
@@ -243,15 +516,18 @@ void run_columns(const Problem& p, int64_t n0, int64_t n1) {
 
 // Slices of output columns shared between the calling thread and pool tasks.
 struct Shared {
-  Shared(const Problem& problem, int64_t groups, int64_t parts)
-      : p(problem), groups(groups), parts(parts) {}
-  const Problem p;
-  const int64_t groups, parts;
+  Shared(const Problem& problem, int64_t unit, int64_t groups, int64_t parts, std::vector<uint16_t> xa)
+      : p(problem), unit(unit), groups(groups), parts(parts), xa_buffer(std::move(xa)) {
+    if (!xa_buffer.empty()) p.xa = xa_buffer.data();
+  }
+  Problem p;
+  const int64_t unit, groups, parts;  // slices are whole groups of `unit` columns
+  std::vector<uint16_t> xa_buffer;    // owns p.xa
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> done{0};
 
   int64_t bound(int64_t i) const {
-    const int64_t n = groups * i / parts * kNT;
+    const int64_t n = groups * i / parts * unit;
     return n < p.N ? n : p.N;
   }
   void work() {
@@ -266,7 +542,7 @@ struct Shared {
 
 ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> codes,
                        ffi::Buffer<ffi::F32> scale, ffi::Buffer<ffi::F32> offset,
-                       ffi::ResultBuffer<ffi::F32> y, int64_t block_size) {
+                       ffi::ResultBuffer<ffi::F32> y, int64_t block_size, int64_t bf16) {
   const auto xd = x.dimensions();
   const auto cd = codes.dimensions();
   const auto sd = scale.dimensions();
@@ -294,7 +570,42 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   p.scale = scale.typed_data();
   p.offset = has_offset ? offset.typed_data() : nullptr;
   p.y = y->typed_data();
+  p.bf16 = bf16 != 0;
+  p.xa = nullptr;
+  p.xb = nullptr;
+  p.block_shift = 0;
+  while ((int64_t{1} << p.block_shift) < p.block) ++p.block_shift;
+  if ((int64_t{1} << p.block_shift) != p.block)
+    return ffi::Error::InvalidArgument("qmatmul: block_size must be a power of two");
   if (p.M == 0 || p.N == 0) return ffi::Error::Success();
+
+  // bfloat16 mode: x is rounded to bfloat16 once here; with AMX and enough rows the
+  // products run on the tile unit from a bfloat16 copy of x padded to whole row tiles.
+  std::vector<float> x_rounded;
+  std::vector<uint16_t> xa, xb;
+  int64_t unit = kNT;
+  if (p.bf16) {
+    x_rounded.resize(p.M * p.K);
+    for (int64_t i = 0; i + kLanes <= p.M * p.K; i += kLanes) store_f32(&x_rounded[i], round_bf16(load_f32(p.x + i)));
+    p.x = x_rounded.data();
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+    if (p.M >= kAmxRows && p.K % 32 == 0 && amx_permitted()) {
+      xa = amx_x_operand(p.x, p.M, p.K);
+      unit = 32;
+    }
+#endif
+#if defined(__AVX512BF16__)
+    if (p.M <= kDirectRows && p.K % 32 == 0) {
+      xb.resize(p.M * p.K);
+      for (int64_t i = 0; i < p.M * p.K; ++i) {
+        uint32_t bits;
+        std::memcpy(&bits, &x_rounded[i], 4);
+        xb[i] = static_cast<uint16_t>(bits >> 16);
+      }
+      p.xb = xb.data();
+    }
+#endif
+  }
 
   // Split the columns into slices of whole groups, claimed from a shared counter by
   // this thread and by tasks handed to the intra-op pool. The caller never waits for a
@@ -305,7 +616,8 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   // reference-counted so it outlives this call.
   int64_t threads = pool.num_threads();
   if (threads < 1) threads = 1;
-  const int64_t groups = (p.N + kNT - 1) / kNT;
+  if (!xa.empty()) p.xa = xa.data();
+  const int64_t groups = (p.N + unit - 1) / unit;
   // Not worth a hand-off below ~64K multiply-adds per slice.
   const int64_t by_size = (p.N * p.K * p.M) / (1 << 16);
   int64_t parts = 4 * threads;
@@ -316,7 +628,7 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     run_columns(p, 0, p.N);
     return ffi::Error::Success();
   }
-  auto shared = std::make_shared<Shared>(p, groups, parts);
+  auto shared = std::make_shared<Shared>(p, unit, groups, parts, std::move(xa));
   for (int64_t i = 1; i < threads; ++i) pool.Schedule([shared] { shared->work(); });
   shared->work();
   while (shared->done.load(std::memory_order_acquire) < parts) std::this_thread::yield();
@@ -333,4 +645,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(AlignJaxQMatmulF32, QMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("block_size"));
+                                  .Attr<int64_t>("block_size")
+                                  .Attr<int64_t>("bf16"));
