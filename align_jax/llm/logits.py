@@ -44,6 +44,7 @@ __all__ = [
     "compose_processors",
     "DEFAULT_NUM_CANDIDATES",
     "top_candidates",
+    "argmax",
 ]
 
 DEFAULT_NUM_CANDIDATES = 64
@@ -108,6 +109,32 @@ def _inverse_cdf(probs: jax.Array, uniforms: jax.Array) -> jax.Array:
     return jnp.minimum(index, probs.shape[-1] - 1).astype(jnp.int32)
 
 
+def argmax(logits: jax.Array, *, block: int = 128) -> jax.Array:
+    """``jnp.argmax(logits, axis=-1)`` (int32, the lowest id among tied maxima), in two stages.
+
+    Each block of ``block`` entries is reduced to its maximum, the first block holding the
+    row maximum is found, and then the first maximum inside it. Same result as
+    ``jnp.argmax``, NaN included (it counts as the maximum; only a row holding both ``+inf``
+    and a later NaN can differ). XLA:CPU runs ``jnp.argmax``'s variadic (value, index)
+    reduction over a 152k vocabulary 8-13x slower (8 ms for 32 rows, in every greedy
+    decoding step).
+    """
+    *lead, vocab = logits.shape
+    rows = int(np.prod(lead, dtype=np.int64)) if lead else 1
+    if vocab <= 2 * block:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    flat = logits.reshape(rows, vocab)
+    num_blocks = -(-vocab // block)
+    lowest = -jnp.inf if jnp.issubdtype(flat.dtype, jnp.floating) else jnp.iinfo(flat.dtype).min
+    padded = jnp.pad(flat, ((0, 0), (0, num_blocks * block - vocab)), constant_values=lowest)
+    blocks = padded.reshape(rows, num_blocks, block)
+    block_max = jnp.max(jnp.where(jnp.isnan(blocks), jnp.inf, blocks), axis=-1) if jnp.issubdtype(
+        blocks.dtype, jnp.floating) else jnp.max(blocks, axis=-1)
+    best = jnp.argmax(block_max, axis=-1)  # [rows] first block with the maximum
+    inner = jnp.argmax(jnp.take_along_axis(blocks, best[:, None, None], axis=1)[:, 0], axis=-1)
+    return (best * block + inner).astype(jnp.int32).reshape(lead)
+
+
 def sample_tokens(
     keys: jax.Array,
     logits: jax.Array,
@@ -143,7 +170,7 @@ def sample_tokens(
     """
     logits = logits.astype(jnp.float32)
     if all_greedy:
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        token = argmax(logits)
         return SampledTokens(token, jnp.zeros(token.shape, jnp.float32))
     vocab = logits.shape[-1]
     num_cand = min(top_k if top_k is not None else num_candidates, vocab)
@@ -176,7 +203,7 @@ def sample_tokens(
         token = jnp.where(use_full, full_token, token)
         sampling_lp = jnp.where(use_full, full_lp, sampling_lp)
 
-    token = jnp.where(greedy, jnp.argmax(logits, axis=-1), token).astype(jnp.int32)
+    token = jnp.where(greedy, argmax(logits), token).astype(jnp.int32)
     sampling_lp = jnp.where(greedy, 0.0, sampling_lp).astype(jnp.float32)
     return SampledTokens(token, sampling_lp)
 

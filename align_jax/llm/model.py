@@ -45,6 +45,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from align_jax.llm.attention import decode_attention
 from align_jax.llm.quant import quantized_matmul
 
 __all__ = [
@@ -475,6 +476,10 @@ class Attention(nnx.Module):
         # transposed the cache.
         s_len = keys.shape[2]
         qn = q.reshape(b, l, hkv, groups, hd).transpose(0, 2, 3, 1, 4).reshape(b, hkv, groups * l, hd)
+        if layer_cache is not None and l == 1:
+            # A decode step: one query per row (the native kernel on the CPU, see attention.py).
+            out = decode_attention(qn, keys, values, mask[:, 0, :], hd ** -0.5)  # [B, Hkv, G, hd]
+            return self.o_proj(out.reshape(b, 1, self.num_heads * hd)), layer_cache
         batch_dims = ((0, 1), (0, 1))
         scores = jax.lax.dot_general(
             keys, qn, (((3,), (3,)), batch_dims), preferred_element_type=jnp.float32

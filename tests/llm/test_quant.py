@@ -359,3 +359,41 @@ def test_quantized_bfloat16_model(tmp_path):
     assert 0.1 * dense_err < quant_err < 2 * dense_err
     single = np.asarray(run_model(quantized.model, TOKENS[:1], POSITIONS[:1])[0])  # 12 rows per product
     np.testing.assert_allclose(single[0], batch[0], rtol=0, atol=1e-4 * np.abs(reference).max())
+
+
+def test_two_stage_argmax_equals_jnp_argmax():
+    from align_jax.llm.logits import argmax
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((5, 1000)).astype(np.float32)
+    x[1, 700] = x[1, 3] = 9.0           # ties: the lower id wins
+    x[2, :] = -np.inf                   # all banned
+    x[3, 999] = 50.0                    # last entry (the padded block)
+    x[4, 10] = np.nan                   # NaN counts as the maximum, as in jnp.argmax
+    got = np.asarray(jax.jit(argmax)(jnp.asarray(x)))
+    np.testing.assert_array_equal(got, np.asarray(jnp.argmax(jnp.asarray(x), axis=-1)))
+    assert got.dtype == np.int32 and list(got[1:4]) == [3, 0, 999]
+    assert np.asarray(argmax(jnp.asarray(x[:, :100]))).tolist() == np.asarray(jnp.argmax(x[:, :100], -1)).tolist()
+    assert argmax(jnp.asarray(x).reshape(5, 1, 1000)).shape == (5, 1)
+
+
+@pytest.mark.parametrize("shape", [(1, 2, 7, 37, 64), (5, 3, 3, 100, 64), (4, 2, 4, 40, 128), (2, 1, 1, 16, 16)])
+def test_decode_attention_matches_reference(shape):
+    """Native decode attention == the XLA formulation, including a row with no visible slot
+    (uniform over all slots), padding slots and S not a multiple of 16."""
+    from align_jax.llm.attention import decode_attention, decode_attention_reference
+
+    b, hkv, g, s, hd = shape
+    rng = np.random.default_rng(s)
+    q = jnp.asarray(2 * rng.standard_normal((b, hkv, g, hd)).astype(np.float32))
+    k = jnp.asarray(rng.standard_normal((b, hkv, s, hd)).astype(np.float32))
+    v = jnp.asarray(rng.standard_normal((b, hkv, s, hd)).astype(np.float32))
+    visible = rng.random((b, s)) < 0.5
+    visible[0, :] = False
+    visible = jnp.asarray(visible)
+    got = np.asarray(jax.jit(decode_attention, static_argnums=4)(q, k, v, visible, hd ** -0.5))
+    want = np.asarray(jax.jit(decode_attention_reference, static_argnums=4)(q, k, v, visible, hd ** -0.5))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)
+    if kernels.compiler() is not None and kernels.native_enabled():
+        hlo = jax.jit(decode_attention, static_argnums=4).lower(q, k, v, visible, hd ** -0.5).as_text()
+        assert kernels.ATTENTION_TARGET in hlo

@@ -1,9 +1,13 @@
 """Native CPU kernels for XLA, compiled on first use and registered through ``jax.ffi``.
 
-One kernel so far, ``qmatmul.cc``: the block-quantized matrix multiply behind
-:func:`align_jax.llm.quant.quantized_matmul` (see that file's header for the maths and
-the loop structure). XLA:CPU cannot fuse an int8 -> float32 convert into its dot, so
-without it a quantized weight costs more to use than a float32 one.
+* ``qmatmul.cc``: the block-quantized matrix multiply behind
+  :func:`align_jax.llm.quant.quantized_matmul` (see that file's header for the maths and
+  the loop structure). XLA:CPU cannot fuse an int8 -> float32 convert into its dot, so
+  without it a quantized weight costs more to use than a float32 one.
+* ``attention.cc``: decode-step attention of one new query per row against the KV cache,
+  behind :func:`align_jax.llm.attention.decode_attention`.
+* ``parallel.h``: the work splitting both share (pieces claimed by the caller and by
+  tasks on XLA's intra-op pool).
 
 The source ships with the package and is compiled the first time it is needed, on the
 machine that runs it (``-O3 -march=native``, so it uses the CPU's own vector width),
@@ -31,14 +35,21 @@ import subprocess
 import tempfile
 import warnings
 
-__all__ = ["KernelBuildError", "QMATMUL_TARGET", "build", "compiler", "library_path", "load", "native_enabled"]
+__all__ = ["KernelBuildError", "QMATMUL_TARGET", "ATTENTION_TARGET", "build", "compiler", "library_path", "load",
+           "native_enabled"]
 
 QMATMUL_TARGET = "align_jax_qmatmul_f32"
 """FFI target name of the block-quantized matmul (``x f32 [M, K]``, ``codes s8 [N, K]``,
 ``scale f32 [N, K/bs]``, ``offset f32 [N, K/bs] or [N, 0]`` -> ``f32 [M, N]``)."""
 
-_SOURCE = pathlib.Path(__file__).with_name("qmatmul.cc")
-_SYMBOL = "AlignJaxQMatmulF32"
+ATTENTION_TARGET = "align_jax_decode_attention_f32"
+"""FFI target name of decode attention (``q [B, Hkv, G, hd]``, ``k, v [B, Hkv, S, hd]``,
+``visible bool [B, S]`` -> ``[B, Hkv, G, hd]``, float32)."""
+
+_DIR = pathlib.Path(__file__).parent
+_SOURCES = (_DIR / "qmatmul.cc", _DIR / "attention.cc")
+_HEADERS = (_DIR / "parallel.h",)
+_TARGETS = {QMATMUL_TARGET: "AlignJaxQMatmulF32", ATTENTION_TARGET: "AlignJaxDecodeAttentionF32"}
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 
 
@@ -90,7 +101,8 @@ def library_path(cache_dir: str | os.PathLike | None = None, cxx: str | None = N
 
     cxx = cxx or compiler() or "c++"
     digest = hashlib.sha256()
-    for part in (_SOURCE.read_bytes(), _compiler_version(cxx).encode(), " ".join(_FLAGS).encode(),
+    parts = [f.read_bytes() for f in (*_SOURCES, *_HEADERS)]
+    for part in (*parts, _compiler_version(cxx).encode(), " ".join(_FLAGS).encode(),
                  jax.__version__.encode(), platform.machine().encode(), _cpu_flags().encode()):
         digest.update(part)
         digest.update(b"\0")
@@ -114,16 +126,15 @@ def build(cache_dir: str | os.PathLike | None = None, *, force: bool = False) ->
     target.parent.mkdir(parents=True, exist_ok=True)
     handle, tmp = tempfile.mkstemp(prefix=".build-", suffix=".so", dir=target.parent)
     os.close(handle)
-    command = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", str(_SOURCE), "-o", tmp]
+    command = [cxx, *_FLAGS, f"-I{jax.ffi.include_dir()}", *map(str, _SOURCES), "-o", tmp]
+    names = ", ".join(s.name for s in _SOURCES)
     try:
         result = subprocess.run(command, capture_output=True, text=True, timeout=600)
         if result.returncode != 0:
-            raise KernelBuildError(
-                f"compiling {_SOURCE.name} failed ({' '.join(command)}):\n{result.stderr.strip()[-4000:]}"
-            )
+            raise KernelBuildError(f"compiling {names} failed ({' '.join(command)}):\n{result.stderr.strip()[-4000:]}")
         os.replace(tmp, target)
     except (OSError, subprocess.SubprocessError) as err:
-        raise KernelBuildError(f"compiling {_SOURCE.name} failed: {err}") from err
+        raise KernelBuildError(f"compiling {names} failed: {err}") from err
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -134,7 +145,8 @@ def build(cache_dir: str | os.PathLike | None = None, *, force: bool = False) ->
 def load() -> bool:
     """Build (once per machine), load and register the native kernels with XLA:CPU.
 
-    Returns True when :data:`QMATMUL_TARGET` is registered. False when native kernels
+    Returns True when :data:`QMATMUL_TARGET` and :data:`ATTENTION_TARGET` are registered.
+    False when native kernels
     are disabled (``ALIGN_JAX_NATIVE_KERNELS=0``), the default backend is not the CPU,
     or the build failed; a failed build warns once, with the compiler's message.
     Cached: the work is done at most once per process.
@@ -146,7 +158,8 @@ def load() -> bool:
     try:
         path = build()
         library = ctypes.cdll.LoadLibrary(str(path))
-        jax.ffi.register_ffi_target(QMATMUL_TARGET, jax.ffi.pycapsule(getattr(library, _SYMBOL)), platform="cpu")
+        for target, symbol in _TARGETS.items():
+            jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(library, symbol)), platform="cpu")
     except (KernelBuildError, OSError, AttributeError) as err:
         warnings.warn(
             f"align_jax: native CPU kernels unavailable, using the slower XLA path for quantized weights: {err}",
