@@ -7,7 +7,7 @@
 * ``attention.cc``: decode-step attention of one new query per row against the KV cache,
   behind :func:`align_jax.llm.attention.decode_attention`.
 * ``parallel.h``: the work splitting both share (pieces claimed by the caller and by
-  tasks on XLA's intra-op pool).
+  tasks on XLA's intra-op pool); ``simd.h``: their vector helpers.
 
 The source ships with the package and is compiled the first time it is needed, on the
 machine that runs it (``-O3 -march=native``, so it uses the CPU's own vector width),
@@ -48,7 +48,7 @@ ATTENTION_TARGET = "align_jax_decode_attention_f32"
 
 _DIR = pathlib.Path(__file__).parent
 _SOURCES = (_DIR / "qmatmul.cc", _DIR / "attention.cc")
-_HEADERS = (_DIR / "parallel.h",)
+_HEADERS = (_DIR / "parallel.h", _DIR / "simd.h")
 _TARGETS = {QMATMUL_TARGET: "AlignJaxQMatmulF32", ATTENTION_TARGET: "AlignJaxDecodeAttentionF32"}
 _FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 

@@ -20,62 +20,26 @@
 #include <memory>
 #include <vector>
 
-#if defined(__x86_64__) || defined(__i386__)
-#include <immintrin.h>
-#endif
-
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
-typedef int8_t i8x16 __attribute__((vector_size(16)));
+using align_jax::f32x16;
+using align_jax::i32x16;
+using align_jax::splat;
+using align_jax::transpose16;
 
-inline f32x16 load(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
-inline void store(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
-inline f32x16 splat(float s) { return f32x16{} + s; }
+inline f32x16 load(const float* p) { return align_jax::load_f32(p); }
+inline void store(float* p, f32x16 v) { align_jax::store_f32(p, v); }
 
 inline float hsum(f32x16 v) {
   float total = 0.0f;
   for (int i = 0; i < 16; ++i) total += v[i];
   return total;
-}
-
-// 16 x 16 transpose: out[r * 16 + c] = rows[c][r].
-inline void transpose16(const f32x16 rows[16], float* out) {
-#if defined(__AVX512F__)
-  __m512 t[16], u[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_ps((__m512)rows[i], (__m512)rows[i + 1]);
-    t[i + 1] = _mm512_unpackhi_ps((__m512)rows[i], (__m512)rows[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    u[i] = (__m512)_mm512_unpacklo_pd((__m512d)t[i], (__m512d)t[i + 2]);
-    u[i + 1] = (__m512)_mm512_unpackhi_pd((__m512d)t[i], (__m512d)t[i + 2]);
-    u[i + 2] = (__m512)_mm512_unpacklo_pd((__m512d)t[i + 1], (__m512d)t[i + 3]);
-    u[i + 3] = (__m512)_mm512_unpackhi_pd((__m512d)t[i + 1], (__m512d)t[i + 3]);
-  }
-  // u[4g + j] holds, in each 128-bit lane L, element 4L + j of rows 4g .. 4g + 3.
-  for (int j = 0; j < 4; ++j) {
-    const __m512 w = _mm512_shuffle_f32x4(u[j], u[4 + j], 0x88), x = _mm512_shuffle_f32x4(u[j], u[4 + j], 0xDD);
-    const __m512 y = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0x88), z = _mm512_shuffle_f32x4(u[8 + j], u[12 + j], 0xDD);
-    _mm512_storeu_ps(out + (0 + j) * 16, _mm512_shuffle_f32x4(w, y, 0x88));
-    _mm512_storeu_ps(out + (8 + j) * 16, _mm512_shuffle_f32x4(w, y, 0xDD));
-    _mm512_storeu_ps(out + (4 + j) * 16, _mm512_shuffle_f32x4(x, z, 0x88));
-    _mm512_storeu_ps(out + (12 + j) * 16, _mm512_shuffle_f32x4(x, z, 0xDD));
-  }
-#else
-  for (int r = 0; r < 16; ++r)
-    for (int c = 0; c < 16; ++c) out[r * 16 + c] = rows[c][r];
-#endif
 }
 
 // exp(x) for x <= 0 (relative error ~2e-7): x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6

@@ -45,27 +45,25 @@
 #endif
 
 #include "parallel.h"
+#include "simd.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
 
 namespace {
 
-typedef float f32x16 __attribute__((vector_size(64)));
-typedef int8_t i8x16 __attribute__((vector_size(16)));
-typedef int32_t i32x16 __attribute__((vector_size(64)));
+using align_jax::f32x16;
+using align_jax::i32x16;
+using align_jax::i8x16;
+using align_jax::load_f32;
+using align_jax::splat;
+using align_jax::store_f32;
 
 constexpr int kLanes = 16;
 constexpr int kNT = 4;           // code rows (outputs) per group
 constexpr int kDirectRows = 8;   // M up to this: dequantize in registers
 constexpr int kMT = 6;           // rows of x per register tile in the panel path
 constexpr int kMB = 96;          // rows of x per cache block in the panel path
-
-inline f32x16 load_f32(const float* p) {
-  f32x16 v;
-  std::memcpy(&v, p, sizeof(v));
-  return v;
-}
 
 // 16 int8 codes widened to float32. GCC scalarises the generic int8 conversion, so
 // x86 uses the sign-extending load (vpmovsxbd) directly.
@@ -86,8 +84,6 @@ inline f32x16 load_codes(const int8_t* p) {
 #endif
 }
 
-inline void store_f32(float* p, f32x16 v) { std::memcpy(p, &v, sizeof(v)); }
-
 inline float hsum(f32x16 v) {
   typedef float f32x8 __attribute__((vector_size(32)));
   typedef float f32x4 __attribute__((vector_size(16)));
@@ -99,8 +95,6 @@ inline float hsum(f32x16 v) {
   f32x4 s4 = c + d;
   return (s4[0] + s4[2]) + (s4[1] + s4[3]);
 }
-
-inline f32x16 splat(float s) { return f32x16{} + s; }
 
 
 struct Problem {
@@ -342,30 +336,9 @@ void configure_tiles() {
   _tile_loadconfig(&cfg);
 }
 
-// 16 x 16 transpose of 32-bit words: rows[c] (16 words) -> out[r * 16 + c] = rows[c][r].
+// 16 x 16 transpose of 32-bit words (simd.h's, on integer lanes).
 inline void transpose16(const __m512i rows[16], uint32_t* out) {
-  __m512i t[16], u[16];
-  for (int i = 0; i < 16; i += 2) {
-    t[i] = _mm512_unpacklo_epi32(rows[i], rows[i + 1]);
-    t[i + 1] = _mm512_unpackhi_epi32(rows[i], rows[i + 1]);
-  }
-  for (int i = 0; i < 16; i += 4) {
-    u[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-    u[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-    u[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-    u[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-  }
-  // u[4g + j] holds, in each 128-bit lane L, words r = 4L + j of rows 4g .. 4g + 3.
-  for (int j = 0; j < 4; ++j) {
-    const __m512i a = _mm512_shuffle_i32x4(u[j], u[4 + j], 0x88);  // lanes 0, 2 of g0 | g1
-    const __m512i b = _mm512_shuffle_i32x4(u[j], u[4 + j], 0xDD);  // lanes 1, 3
-    const __m512i c = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0x88);
-    const __m512i d = _mm512_shuffle_i32x4(u[8 + j], u[12 + j], 0xDD);
-    _mm512_storeu_si512(out + (0 + j) * 16, _mm512_shuffle_i32x4(a, c, 0x88));   // r = j
-    _mm512_storeu_si512(out + (8 + j) * 16, _mm512_shuffle_i32x4(a, c, 0xDD));   // r = 8 + j
-    _mm512_storeu_si512(out + (4 + j) * 16, _mm512_shuffle_i32x4(b, d, 0x88));   // r = 4 + j
-    _mm512_storeu_si512(out + (12 + j) * 16, _mm512_shuffle_i32x4(b, d, 0xDD));  // r = 12 + j
-  }
+  align_jax::transpose16(reinterpret_cast<const f32x16*>(rows), reinterpret_cast<float*>(out));
 }
 
 // x (already bfloat16 values in float32) -> xb [Mp / 16][K / 32][16][16][2] bfloat16, rows >= M zero:
@@ -515,6 +488,75 @@ void run_columns(const Problem& p, int64_t n0, int64_t n1) {
 }
 
 // Output columns [n0, n1) for all rows on the vector units (float32 multiply-adds).
+// ---------------------------------------------------------------------------------------
+// More than kDirectRows rows on the vector units: a packed GEMM. The weights of 32 output
+// columns are dequantized once into a float32 panel laid out k-major, wt[k][32] (16 x 16
+// transposes of dequantized rows), then every tile of kGemmRows rows of x runs through a
+// register-blocked kGemmRows x 32 multiply-add loop: per k, two panel vectors times kGemmRows
+// broadcast x values into 2 * kGemmRows accumulators (no horizontal sums, each weight
+// vector reused kGemmRows times from registers). The panel (32 * K floats) stays in L2.
+constexpr int kGemmRows = 12;
+constexpr int kGemmCols = 32;
+// Packing costs 0.5-1 cycle per weight, the GEMM ~1 cycle per 30 rows of a weight: below this
+// many rows the row-panel loop (dequantizing in registers, horizontal sums) is faster.
+constexpr int64_t kGemmMinRows = 64;
+
+template <bool BF>
+void pack_gemm_panel(const Problem& p, float* wt, int64_t n) {
+  f32x16 rows[16];
+  alignas(64) float block[16 * 16];
+  for (int half = 0; half < kGemmCols / 16; ++half) {
+    const int64_t n0 = n + 16 * half;
+    for (int64_t k = 0; k < p.K; k += 16) {
+      const int64_t j = k >> p.block_shift;
+      for (int c = 0; c < 16; ++c) {
+        if ((k & 63) == 0) __builtin_prefetch(p.codes + (n0 + c) * p.K + k + 256);
+        rows[c] = dequant<BF>(p, n0 + c, k, scale_of(p, n0 + c, j), offset_of(p, n0 + c, j));
+      }
+      align_jax::transpose16(rows, block);  // block[kk][c] = w[n0 + c][k + kk]
+      for (int kk = 0; kk < 16; ++kk) std::memcpy(wt + (k + kk) * kGemmCols + 16 * half, block + kk * 16, 64);
+    }
+  }
+}
+
+template <int MR>
+void gemm_tile(const Problem& p, const float* wt, int64_t n, int64_t m) {
+  f32x16 acc0[MR], acc1[MR];
+  for (int r = 0; r < MR; ++r) acc0[r] = acc1[r] = f32x16{};
+  const float* x = p.x + m * p.K;
+  for (int64_t k = 0; k < p.K; ++k) {
+    const f32x16 w0 = load_f32(wt + k * kGemmCols), w1 = load_f32(wt + k * kGemmCols + 16);
+    for (int r = 0; r < MR; ++r) {
+      const f32x16 xv = splat(x[r * p.K + k]);
+      acc0[r] += w0 * xv;
+      acc1[r] += w1 * xv;
+    }
+  }
+  for (int r = 0; r < MR; ++r) {
+    store_f32(p.y + (m + r) * p.N + n, acc0[r]);
+    store_f32(p.y + (m + r) * p.N + n + 16, acc1[r]);
+  }
+}
+
+void gemm_rows(const Problem& p, const float* wt, int64_t n) {
+  int64_t m = 0;
+  for (; m + kGemmRows <= p.M; m += kGemmRows) gemm_tile<kGemmRows>(p, wt, n, m);
+  switch (p.M - m) {
+    case 1: gemm_tile<1>(p, wt, n, m); break;
+    case 2: gemm_tile<2>(p, wt, n, m); break;
+    case 3: gemm_tile<3>(p, wt, n, m); break;
+    case 4: gemm_tile<4>(p, wt, n, m); break;
+    case 5: gemm_tile<5>(p, wt, n, m); break;
+    case 6: gemm_tile<6>(p, wt, n, m); break;
+    case 7: gemm_tile<7>(p, wt, n, m); break;
+    case 8: gemm_tile<8>(p, wt, n, m); break;
+    case 9: gemm_tile<9>(p, wt, n, m); break;
+    case 10: gemm_tile<10>(p, wt, n, m); break;
+    case 11: gemm_tile<11>(p, wt, n, m); break;
+    default: break;
+  }
+}
+
 template <bool BF>
 void fma_columns(const Problem& p, int64_t n0, int64_t n1) {
 #if defined(__AVX512BF16__)
@@ -530,6 +572,15 @@ void fma_columns(const Problem& p, int64_t n0, int64_t n1) {
     for (; n + kNT <= n1; n += kNT) direct_rows<BF, kNT>(p, n);
     for (; n < n1; ++n) direct_rows<BF, 1>(p, n);
     return;
+  }
+  if (p.M >= kGemmMinRows && p.K % 16 == 0) {
+    thread_local std::vector<float> packed;
+    if (packed.size() < static_cast<size_t>(kGemmCols * p.K)) packed.resize(kGemmCols * p.K);
+    for (; n0 + kGemmCols <= n1; n0 += kGemmCols) {
+      pack_gemm_panel<BF>(p, packed.data(), n0);
+      gemm_rows(p, packed.data(), n0);
+    }
+    if (n0 >= n1) return;  // fewer than 32 columns left: the row-panel loop below
   }
   thread_local std::vector<float> scratch;
   if (scratch.size() < static_cast<size_t>(kNT * p.K)) scratch.resize(kNT * p.K);
@@ -608,7 +659,7 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   // products run on the tile unit from a bfloat16 copy of x padded to whole row tiles.
   std::vector<float> x_rounded;
   std::vector<uint16_t> xa, xb;
-  int64_t unit = kNT;
+  int64_t unit = p.M >= kGemmMinRows ? kGemmCols : kNT;  // slices of whole GEMM panels
   if (p.bf16) {
     x_rounded.resize(p.M * p.K);
     for (int64_t i = 0; i + kLanes <= p.M * p.K; i += kLanes) store_f32(&x_rounded[i], round_bf16(load_f32(p.x + i)));
