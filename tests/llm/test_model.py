@@ -394,3 +394,31 @@ def test_quantized_gguf_matches_transformers(name, request):
                                ignore_eos=True)
         print(name, repr(got.text[0][0][:120]))
         np.testing.assert_array_equal(np.asarray(got.tokens)[0, 0, :64], expected)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("quantized", [False, True])
+def test_qwen_greedy_128_tokens_through_the_sampler(qwen_pair, quantized):
+    """The sampler's whole decode path (native decode attention and quantized matmuls on the CPU,
+    two-stage argmax, left-padded prompt bucket, cache slots written step by step) against
+    transformers' greedy ``generate`` for 128 tokens of a step-by-step answer to GSM8K test question 0. A masking
+    bug in the native attention once turned this into garbage after 55 tokens, which 64-token
+    checks on short prompts did not reach."""
+    from align_jax.llm.sampler import Sampler
+    from align_jax.llm.weights import load_pretrained
+
+    ours, ref = qwen_pair
+    model = load_pretrained("qwen2.5-coder-0.5b", quantized=True) if quantized else ours
+    question = ("Janet\u2019s ducks lay 16 eggs per day. She eats three for breakfast every morning and bakes muffins "
+                "for her friends every day with four. She sells the remainder at the farmers' market daily for $2 "
+                "per fresh duck egg. How much in dollars does she make every day at the farmers' market?")
+    ids = _chat_ids(model.tokenizer, "Solve the following math problem step by step. End with 'The answer is N.'"
+                    "\n\n" + question)
+    with torch.no_grad():
+        expected = ref.generate(torch.tensor(ids), attention_mask=torch.ones_like(torch.tensor(ids)),
+                                max_new_tokens=128, min_new_tokens=128, do_sample=False, eos_token_id=None,
+                                pad_token_id=model.tokenizer.pad_token_id)[0, ids.shape[1]:].numpy()
+    got = Sampler(model).generate([ids[0].tolist()], key=jax.random.key(0), max_new_tokens=128, temperature=0.0,
+                                  ignore_eos=True)
+    print(repr(got.text[0][0][-200:]))
+    np.testing.assert_array_equal(np.asarray(got.tokens)[0, 0], expected)

@@ -397,3 +397,26 @@ def test_decode_attention_matches_reference(shape):
     if kernels.compiler() is not None and kernels.native_enabled():
         hlo = jax.jit(decode_attention, static_argnums=4).lower(q, k, v, visible, hd ** -0.5).as_text()
         assert kernels.ATTENTION_TARGET in hlo
+
+
+def test_decode_attention_masked_slots_cannot_poison_the_softmax():
+    """Masked slots (an unwritten cache slot, say) whose scores exceed the visible maximum by
+    80-95 must not enter the softmax at all. A kernel that multiplied exp(score - max) by a 0
+    mask got NaN for differences near 88.7 (exp overflows to inf or NaN), and a real decode
+    step turned to garbage after 55 tokens."""
+    from align_jax.llm.attention import decode_attention, decode_attention_reference
+
+    b, hkv, g, s, hd = 2, 1, 1, 48, 16
+    rng = np.random.default_rng(0)
+    q = rng.standard_normal((b, hkv, g, hd)).astype(np.float32)
+    direction = q[:, :, :1] / np.sum(q[:, :, :1] ** 2, axis=-1, keepdims=True)  # q . direction = 1
+    visible = np.zeros((b, s), bool)
+    visible[:, [0, 3, 17, 30, 33, 47]] = True  # a few visible slots in every block of 16
+    target = np.where(visible[0], -10.0, -10.0 + np.linspace(80.0, 95.0, s)).astype(np.float32)
+    k = target[None, None, :, None] * direction  # score of slot j = target[j]
+    v = rng.standard_normal((b, hkv, s, hd)).astype(np.float32)
+    args = [jnp.asarray(a, jnp.float32) if a.dtype != bool else jnp.asarray(a) for a in (q, k, v, visible)]
+    got = np.asarray(jax.jit(decode_attention, static_argnums=4)(*args, 1.0))
+    want = np.asarray(jax.jit(decode_attention_reference, static_argnums=4)(*args, 1.0))
+    assert np.isfinite(got).all()
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5)

@@ -124,7 +124,11 @@ void attend(const Attention& a, int64_t b, int64_t h) {
       if (keep[s] != 0.0f && row[s] > top) top = row[s];
     f32x16 total = f32x16{};
     for (int64_t s = 0; s < padded; s += 16) {
-      const f32x16 p = exp_nonpositive(load(row + s) - splat(top)) * load(keep.data() + s);
+      // Masked slots are selected away, never multiplied by 0: their score (from a key not
+      // written yet, say) may exceed the visible maximum by any amount, and inf * 0 is NaN.
+      const f32x16 d = load(row + s) - splat(top);
+      const f32x16 e = exp_nonpositive(d < 0.0f ? d : f32x16{});
+      const f32x16 p = load(keep.data() + s) != 0.0f ? e : f32x16{};
       store(row + s, p);
       total += p;
     }
