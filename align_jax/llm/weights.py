@@ -311,13 +311,7 @@ def _dequantize(tensor, path) -> np.ndarray:
             f"{path}: tensor {tensor.name!r} has unsupported GGML type {type_name}; "
             f"supported: {', '.join(SUPPORTED_GGUF_TYPES)}"
         )
-    expected_bytes = int(tensor.n_bytes)
-    if int(tensor.data.nbytes) != expected_bytes:
-        raise WeightsError(
-            f"{path}: tensor {tensor.name!r} has {tensor.data.nbytes} bytes of data, expected {expected_bytes} "
-            "(truncated file?)"
-        )
-    shape = tuple(int(x) for x in reversed([int(d) for d in tensor.shape]))
+    shape = _checked_shape(tensor, path)
     try:
         values = gguf.quants.dequantize(np.asarray(tensor.data), tensor.tensor_type)
         return np.asarray(values, dtype=np.float32).reshape(shape)
@@ -390,15 +384,20 @@ def gguf_arrays(reader, config: ModelConfig, path, *, num_threads: int | None = 
     return arrays, names
 
 
-def _unpack(tensor, path):
-    """:func:`align_jax.llm.quant.unpack_gguf` of one tensor, errors naming the file and tensor."""
+def _checked_shape(tensor, path) -> tuple[int, ...]:
+    """The tensor's torch-order shape (``reversed`` ggml shape), after checking that all its bytes are there."""
     expected_bytes = int(tensor.n_bytes)
     if int(tensor.data.nbytes) != expected_bytes:
         raise WeightsError(
             f"{path}: tensor {tensor.name!r} has {tensor.data.nbytes} bytes of data, expected {expected_bytes} "
             "(truncated file?)"
         )
-    shape = tuple(int(x) for x in reversed([int(d) for d in tensor.shape]))
+    return tuple(int(x) for x in reversed([int(d) for d in tensor.shape]))
+
+
+def _unpack(tensor, path):
+    """:func:`align_jax.llm.quant.unpack_gguf` of one tensor, errors naming the file and tensor."""
+    shape = _checked_shape(tensor, path)
     try:
         return unpack_gguf(np.asarray(tensor.data), tensor.tensor_type.name, shape)
     except Exception as err:

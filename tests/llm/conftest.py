@@ -10,6 +10,7 @@ Other test files may use:
 from __future__ import annotations
 
 import jax
+import numpy as np
 import pytest
 
 from align_jax.llm.model import ModelConfig, Transformer, forward
@@ -32,6 +33,11 @@ def run_model(model, tokens, positions, cache=None, cache_index=0, kv_mask=None)
     )
 
 TINY_VOCAB = 96
+
+#: Two rows of 12 token ids of the tiny vocabulary, and their positions (for logits comparisons).
+TINY_TOKENS = np.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26],
+                        [27, 18, 28, 18, 28, 45, 90, 45, 23, 53, 60, 28]], np.int32)
+TINY_POSITIONS = np.broadcast_to(np.arange(12, dtype=np.int32), (2, 12))
 
 
 def make_tiny_config(arch: str, **changes) -> ModelConfig:

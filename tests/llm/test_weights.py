@@ -16,6 +16,8 @@ from align_jax.llm import weights as W
 from align_jax.llm.weights import WeightsError, load_checkpoint, load_gguf, load_pretrained, save_checkpoint
 
 from .conftest import (
+    TINY_POSITIONS,
+    TINY_TOKENS,
     hf_to_gguf_tensors,
     make_tiny_config,
     make_tiny_tokenizer,
@@ -27,9 +29,7 @@ from .conftest import (
 
 torch = pytest.importorskip("torch")
 
-TOKENS = np.array([[3, 14, 15, 92, 65, 35, 89, 79, 32, 38, 46, 26],
-                   [27, 18, 28, 18, 28, 45, 90, 45, 23, 53, 60, 28]], np.int32)
-POSITIONS = np.broadcast_to(np.arange(12, dtype=np.int32), (2, 12))
+TOKENS, POSITIONS = TINY_TOKENS, TINY_POSITIONS
 
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
