@@ -438,7 +438,7 @@ class Attention(nnx.Module):
         self.v_proj = _linear(cfg, d, cfg.num_kv_heads * hd, cfg.attention_bias, rngs, f"{path}.v_proj")
         self.o_proj = _linear(cfg, cfg.num_heads * hd, d, False, rngs, f"{path}.o_proj")
 
-    def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=0):
+    def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=0, fresh: bool = False):
         """Attend.
 
         Args:
@@ -447,6 +447,9 @@ class Attention(nnx.Module):
           mask: bool ``[B, L, S]`` (or ``[B, L, L]`` without a cache): query l may see key s.
           layer_cache: this layer's ``(k, v)``, each ``[B, Hkv, S, hd]``, or None.
           cache_index: int32 scalar, first slot written.
+          fresh: (static) the cache is being filled from slot 0 (a prefill): the L new keys
+            are written to it but attended to directly, and ``mask`` is ``[B, L, L]``; the
+            S - L empty slots are not computed over.
 
         Returns:
           ``([B, L, D], updated (k, v) or None)``.
@@ -467,6 +470,8 @@ class Attention(nnx.Module):
             keys = jax.lax.dynamic_update_slice(cache_k, k.astype(cache_k.dtype), start)
             values = jax.lax.dynamic_update_slice(cache_v, v.astype(cache_v.dtype), start)
             layer_cache = (keys, values)
+            if fresh:
+                keys, values = k.astype(cache_k.dtype), v.astype(cache_v.dtype)
         else:
             keys, values = k, v
         # keys/values: [B, Hkv, S, hd]; queries regrouped to [B, Hkv, N = G*L, hd]
@@ -515,9 +520,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_param_dtype, rngs)
         self.mlp = MLP(cfg, rngs=rngs, path=f"{path}.mlp")
 
-    def __call__(self, h, cos, sin, mask, cache, cache_index):
+    def __call__(self, h, cos, sin, mask, cache, cache_index, fresh: bool = False):
         attn_out, cache = self.self_attn(
-            self.input_layernorm(h), cos, sin, mask, cache, cache_index
+            self.input_layernorm(h), cos, sin, mask, cache, cache_index, fresh
         )
         h = h + attn_out
         h = h + self.mlp(self.post_attention_layernorm(h))
@@ -600,9 +605,16 @@ class Transformer(nnx.Module):
         b, l = tokens.shape
         h = self.embed_tokens(tokens)
         cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+        # A prefill (a cache filled from a static slot 0) attends to its own L keys only,
+        # not to the S - L empty slots after them.
+        fresh = cache is not None and isinstance(cache_index, int) and cache_index == 0 and l > 1
         cache_index = jnp.asarray(cache_index, jnp.int32)
         query_pos = jnp.arange(l, dtype=jnp.int32)
-        if cache is not None:
+        if fresh:
+            mask = jnp.broadcast_to((query_pos[None, :] <= query_pos[:, None])[None], (b, l, l))
+            if kv_mask is not None:
+                kv_mask = kv_mask[:, :l]
+        elif cache is not None:
             s = cache.num_slots
             slots = jnp.arange(s, dtype=jnp.int32)
             mask = slots[None, :] <= (cache_index + query_pos)[:, None]  # [L, S]
@@ -614,7 +626,7 @@ class Transformer(nnx.Module):
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            h, layer_cache = layer(h, cos, sin, mask, layer_cache, cache_index)
+            h, layer_cache = layer(h, cos, sin, mask, layer_cache, cache_index, fresh)
             if layer_cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])

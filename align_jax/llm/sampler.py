@@ -6,9 +6,9 @@ Design (Flax NNX Gemma sampler / jax-llm-examples style):
   functions below take ``graphdef`` as a static argument and the weights ``state`` as
   ordinary array arguments (never ``nnx.jit`` on the module, never weights as constants).
 * B prompts are tokenised on the host, left-padded to a bucket ``P >= max prompt
-  length`` (a power of two or the midpoint ``3 * 2**(k-1)`` between two, at least
+  length`` (by default a multiple of an eighth of the next power of two, at least
   ``min_prompt_bucket``; see :func:`prompt_bucket`), so prompts of similar length share
-  one compiled program and at most two programs exist per doubling of the length.
+  one compiled program and at most four programs exist per doubling of the length.
 * **Prefill** (one jit): the B prompts run once through the decoder into a cache of
   ``S = P + max_new_tokens`` slots; only the last position goes through the LM head.
   The cache and the last logits are then repeated K = ``num_samples`` times, giving
@@ -90,20 +90,24 @@ def enable_compilation_cache(path: str | None = None, *, min_compile_time_secs: 
     return path
 
 
-def prompt_bucket(length: int, minimum: int = 16, half_steps: bool = True) -> int:
+def prompt_bucket(length: int, minimum: int = 16, steps: int = 4) -> int:
     """Padded length for a prompt (or scored sequence) of ``length`` tokens.
 
-    The smallest power of two ``>= max(length, minimum)``; with ``half_steps`` also the
-    midpoints ``3 * 2**(k-1)`` are buckets (16, 24, 32, 48, 64, 96, 128, 192, 256, ...):
-    at most two compiled programs per doubling of the length, and at most a third of
-    a padded prompt is padding instead of a half (a batch of GSM8K chat prompts of
-    up to ~140 tokens pads to 192, not 256).
+    With ``p`` the smallest power of two ``>= max(length, minimum)``, the buckets between
+    ``p / 2`` and ``p`` are ``steps`` equal steps apart: ``steps=1`` gives powers of two,
+    ``steps=2`` adds the midpoints (..., 96, 128, 192, 256), the default ``steps=4`` the
+    quarters (..., 128, 160, 192, 224, 256, 320, ...). A padded prompt is then at most
+    ``1 / (steps + 1)`` padding (above the minimum) at the cost of ``steps`` compiled
+    programs per doubling of the length; the persistent compilation cache keeps each one.
+    A batch of GSM8K chat prompts of up to ~140 tokens pads to 160 (steps 4), 192 (steps 2)
+    or 256 (steps 1), and every padded position costs as much as a real one in the prefill.
     """
+    if steps < 1 or steps & (steps - 1):
+        raise ValueError(f"prompt_bucket: steps={steps!r}; expected a power of two >= 1")
     length = max(int(length), int(minimum), 1)
     power = 1 << (length - 1).bit_length()
-    if half_steps and power >= 4 and length <= 3 * power // 4:
-        return max(3 * power // 4, int(minimum))
-    return power
+    quantum = max(power // (2 * steps), 1)
+    return max(min(-(-length // quantum) * quantum, power), int(minimum))
 
 
 class SamplerStepState(NamedTuple):
@@ -437,9 +441,10 @@ class Sampler:
         out.text[0]   # 4 completions
     """
 
-    def __init__(self, model, tokenizer=None, *, min_prompt_bucket: int = 16):
+    def __init__(self, model, tokenizer=None, *, min_prompt_bucket: int = 16, bucket_steps: int = 4):
         """``model``: a ``LoadedModel`` (config, model, tokenizer) or a ``Transformer``
-        (then pass ``tokenizer`` to use text prompts; token-id prompts need none)."""
+        (then pass ``tokenizer`` to use text prompts; token-id prompts need none).
+        ``min_prompt_bucket`` and ``bucket_steps``: the prompt padding (:func:`prompt_bucket`)."""
         if hasattr(model, "model") and hasattr(model, "config") and not isinstance(model, nnx.Module):
             tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
             model = model.model
@@ -449,6 +454,8 @@ class Sampler:
         self.tokenizer = tokenizer
         self.graphdef, self.state = nnx.split(model)
         self.min_prompt_bucket = int(min_prompt_bucket)
+        self.bucket_steps = int(bucket_steps)
+        prompt_bucket(1, self.min_prompt_bucket, self.bucket_steps)  # validates steps
 
     # -- host-side preparation -------------------------------------------------
 
@@ -504,7 +511,7 @@ class Sampler:
         if bad.size:
             raise ValueError(f"top_p must be in (0, 1]; row {int(bad[0])} has {float(topp[bad[0]])}")
         lengths = np.asarray([len(p) for p in ids], np.int32)
-        bucket = prompt_bucket(int(lengths.max()), self.min_prompt_bucket)
+        bucket = prompt_bucket(int(lengths.max()), self.min_prompt_bucket, self.bucket_steps)
         pad = self.tokenizer.pad_token_id if self.tokenizer is not None else 0
         tokens = np.full((batch, bucket), pad, np.int32)
         for i, p in enumerate(ids):

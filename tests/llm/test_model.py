@@ -157,6 +157,41 @@ def test_cache_respects_kv_mask_and_future_slots():
     assert np.abs(np.asarray(masked) - np.asarray(logits_at_2)).max() > 1e-3
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_prefill_from_static_slot_zero_attends_to_its_own_keys(arch):
+    """A prefill (static cache_index 0) attends to its L new keys only, not the S - L empty slots;
+    logits and the written cache equal the general path's (traced index), left padding included."""
+    config = make_tiny_config(arch)
+    graphdef, state = nnx.split(Transformer(config, rngs=nnx.Rngs(11)))
+    tokens = jax.random.randint(jax.random.key(6), (BATCH, PREFILL), 0, config.vocab_size)
+    lengths = jnp.asarray([PREFILL, PREFILL - 2])  # row 1 left-padded by 2
+    positions = jnp.maximum(jnp.arange(PREFILL)[None, :] - (PREFILL - lengths)[:, None], 0)
+    kv_mask = jnp.arange(CACHE_LEN)[None, :] >= (PREFILL - lengths)[:, None]
+    fresh = jax.jit(forward, static_argnums=(0, 5))
+    general = jax.jit(forward, static_argnums=0)
+    cache = init_cache(config, BATCH, CACHE_LEN)
+    ours, ours_cache = fresh(graphdef, state, tokens, positions, cache, 0, kv_mask)
+    ref, ref_cache = general(graphdef, state, tokens, positions, cache, jnp.int32(0), kv_mask)
+    # real positions and their slots (a padding query sees no key; what it computes is never read)
+    real = np.asarray(kv_mask[:, :PREFILL])
+    np.testing.assert_allclose(np.asarray(ours)[real], np.asarray(ref)[real], atol=1e-5)
+    for a, b in zip(ours_cache.k + ours_cache.v, ref_cache.k + ref_cache.v):
+        a, b = np.asarray(a).transpose(0, 2, 1, 3), np.asarray(b).transpose(0, 2, 1, 3)  # [B, S, H, hd]
+        np.testing.assert_allclose(a[:, :PREFILL][real], b[:, :PREFILL][real], atol=1e-5)
+        assert np.abs(a[:, PREFILL:]).max() == 0.0
+    # the static path's attention scores span L keys, the general path's all S slots
+    hlo = fresh.lower(graphdef, state, tokens, positions, cache, 0, kv_mask).as_text()
+    heads, groups = config.num_kv_heads, config.num_heads // config.num_kv_heads
+    assert f"tensor<{BATCH}x{heads}x{PREFILL}x{groups * PREFILL}xf32>" in hlo
+    assert f"tensor<{BATCH}x{heads}x{CACHE_LEN}x{groups * PREFILL}xf32>" not in hlo
+    hlo = general.lower(graphdef, state, tokens, positions, cache, jnp.int32(0), kv_mask).as_text()
+    assert f"tensor<{BATCH}x{heads}x{CACHE_LEN}x{groups * PREFILL}xf32>" in hlo
+    # the padded row's masked keys are honoured: unmasking them changes its logits
+    loose, _ = fresh(graphdef, state, tokens, positions, cache, 0, jnp.ones_like(kv_mask))
+    assert np.abs(np.asarray(loose)[1, 2:] - np.asarray(ours)[1, 2:]).max() > 1e-3
+    np.testing.assert_allclose(np.asarray(loose)[0], np.asarray(ours)[0], atol=1e-5)
+
+
 def test_bfloat16_close_to_float32():
     config = make_tiny_config("qwen2")
     model32 = Transformer(config, rngs=nnx.Rngs(5))

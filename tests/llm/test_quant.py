@@ -340,6 +340,27 @@ def test_bfloat16_compute_matches_xla_bfloat16(rows, block, with_offset):
         Q.quantized_matmul(jnp.asarray(x), *args, compute_dtype="float16")
 
 
+@pytest.mark.parametrize("rows,n", [(600, 48), (1027, 40), (520, 64)])
+def test_bfloat16_compute_many_rows(rows, n):
+    """Prefill-sized products in bfloat16 mode: from 512 rows the tile-unit path also splits rows
+    between threads (pieces of whole 32-row pairs, the last one partial), and with N % 16 == 0
+    it reads only the tile copy of x (no rounded float32 copy): both == XLA's bfloat16 product."""
+    rng = np.random.default_rng(rows + n)
+    k = 96
+    codes, scale, offset = _problem(rng, n, k, 32, False)
+    x = rng.standard_normal((rows, k)).astype(np.float32)
+    args = (jnp.asarray(codes), jnp.asarray(scale), None)
+    got = np.asarray(jax.jit(Q.quantized_matmul, static_argnames="compute_dtype")(
+        jnp.asarray(x), *args, compute_dtype="bfloat16"))
+    want = np.asarray(jax.jit(Q._xla_matmul, static_argnames="compute_dtype")(
+        jnp.asarray(x), *args, compute_dtype="bfloat16"))
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-5 * np.abs(want).max())
+    for part in (x[:1], x[-33:]):  # a row's result does not depend on the rows beside it
+        alone = np.asarray(Q.quantized_matmul(jnp.asarray(part), *args, compute_dtype="bfloat16"))
+        np.testing.assert_allclose(alone, got[:1] if len(part) == 1 else got[-33:], rtol=0,
+                                   atol=1e-5 * np.abs(want).max())
+
+
 def test_quantized_bfloat16_model(tmp_path):
     """``param_dtype="bfloat16"`` on a quantized model: bfloat16 products (rounded inputs and
     weights, float32 accumulation), an error of the dense bfloat16 model's size, and the same

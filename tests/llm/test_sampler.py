@@ -127,13 +127,21 @@ def test_hidden_states_and_head_equal_model_call(arch):
 
 
 def test_prompt_bucket():
-    assert [prompt_bucket(n) for n in (1, 16, 17, 24, 25, 100, 128, 129, 193)] == [
+    assert [prompt_bucket(n, steps=2) for n in (1, 16, 17, 24, 25, 100, 128, 129, 193)] == [
         16, 16, 24, 24, 32, 128, 128, 192, 256]
-    assert [prompt_bucket(n, half_steps=False) for n in (1, 17, 100, 129)] == [16, 32, 128, 256]
-    assert [prompt_bucket(n, minimum=1) for n in (1, 2, 3, 5, 7)] == [1, 2, 3, 6, 8]
-    for n in range(1, 600):  # bucket covers the length and wastes at most half (a third above 16)
-        b = prompt_bucket(n)
-        assert n <= b and (b <= 16 or 3 * n > 2 * b - 3)
+    assert [prompt_bucket(n) for n in (1, 16, 17, 20, 21, 100, 129, 140, 161, 193, 225, 257)] == [
+        16, 16, 20, 20, 24, 112, 160, 160, 192, 224, 256, 320]
+    assert [prompt_bucket(n, steps=1) for n in (1, 17, 100, 129)] == [16, 32, 128, 256]
+    assert [prompt_bucket(n, minimum=1, steps=2) for n in (1, 2, 3, 5, 7)] == [1, 2, 3, 6, 8]
+    for steps in (1, 2, 4, 8):
+        buckets = set()
+        for n in range(1, 1025):  # covers the length; padding at most 1 / (steps + 1) above the minimum
+            b = prompt_bucket(n, steps=steps)
+            buckets.add(b)
+            assert n <= b and (b <= 16 or (steps + 1) * (b - n) < b), (n, steps, b)
+        assert len([b for b in buckets if 512 < b <= 1024]) == steps  # programs per doubling
+    with pytest.raises(ValueError, match="steps"):
+        prompt_bucket(10, steps=3)
 
 
 # --------------------------------------------------------------------------- greedy / cache

@@ -13,7 +13,10 @@
 
 #include <atomic>
 #include <cstdint>
+#include <cstdlib>
+#include <functional>
 #include <memory>
+#include <new>
 #include <thread>
 
 #include "xla/ffi/api/ffi.h"
@@ -48,5 +51,44 @@ inline void run_parallel(xla::ffi::ThreadPool& pool, const std::shared_ptr<Paral
   job->work();
   while (job->done.load(std::memory_order_acquire) < job->parts) std::this_thread::yield();
 }
+
+// Runs fn(0) ... fn(parts - 1) as one job (see run_parallel). A task that starts late finds
+// no piece left and never calls fn, so fn may refer to the caller's locals.
+inline void parallel_for(xla::ffi::ThreadPool& pool, int64_t parts, std::function<void(int64_t)> fn) {
+  struct FnJob : ParallelJob {
+    FnJob(int64_t parts, std::function<void(int64_t)> fn) : ParallelJob(parts), fn(std::move(fn)) {}
+    std::function<void(int64_t)> fn;
+    void run(int64_t part) override { fn(part); }
+  };
+  if (parts <= 0) return;
+  if (parts == 1 || pool.num_threads() <= 1) {
+    for (int64_t i = 0; i < parts; ++i) fn(i);
+    return;
+  }
+  run_parallel(pool, std::make_shared<FnJob>(parts, std::move(fn)));
+}
+
+// An uninitialised buffer of n values aligned to 64 bytes (the tile and vector loads' line).
+template <typename T>
+struct AlignedBuffer {
+  explicit AlignedBuffer(int64_t n = 0) { resize(n); }
+  AlignedBuffer(const AlignedBuffer&) = delete;
+  AlignedBuffer& operator=(const AlignedBuffer&) = delete;
+  ~AlignedBuffer() { std::free(data_); }
+  void resize(int64_t n) {
+    if (n <= size_) return;
+    std::free(data_);
+    const size_t bytes = (static_cast<size_t>(n) * sizeof(T) + 63) / 64 * 64;
+    data_ = static_cast<T*>(std::aligned_alloc(64, bytes));
+    if (data_ == nullptr) throw std::bad_alloc();
+    size_ = n;
+  }
+  T* data() const { return data_; }
+  int64_t size() const { return size_; }
+
+ private:
+  T* data_ = nullptr;
+  int64_t size_ = 0;
+};
 
 }  // namespace align_jax

@@ -29,6 +29,7 @@
 // -march=native it becomes AVX-512 on the CPUs this was tuned on (16-lane vectors)
 // and AVX2 or NEON elsewhere.
 
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -308,6 +309,7 @@ void fill_panel(const Problem& p, float* panel, int64_t n) {
 // tile is transposed once, when its K loop is done. Tiles: 0-3 the 2 x 2 outputs
 // (32 columns x 32 rows), 4-5 two weight tiles, 6-7 two x tiles.
 constexpr int kAmxRows = 16;  // the AMX path is used from this many rows of x
+constexpr int64_t kAmxSplitRows = 512;  // and its pieces split rows from this many
 
 bool amx_permitted() {
   static const bool ok = [] {
@@ -341,14 +343,13 @@ inline void transpose16(const __m512i rows[16], uint32_t* out) {
   align_jax::transpose16(reinterpret_cast<const f32x16*>(rows), reinterpret_cast<float*>(out));
 }
 
-// x (already bfloat16 values in float32) -> xb [Mp / 16][K / 32][16][16][2] bfloat16, rows >= M zero:
-// per 16 rows and 32 k, 16 words (pairs) of each row, transposed.
-std::vector<uint16_t> amx_x_operand(const float* x, int64_t M, int64_t K) {
-  const int64_t m_tiles = (M + 15) / 16, kbs = K / 32;
-  std::vector<uint16_t> xb(m_tiles * 16 * K);
-  uint32_t* out = reinterpret_cast<uint32_t*>(xb.data());
+// x -> xa [Mp / 16][K / 32][16][16][2] bfloat16 (rounded to nearest even, rows >= M zero),
+// row tiles [mt0, mt1): per 16 rows and 32 k, 16 words (pairs) of each row, transposed.
+void amx_x_tiles(const float* x, int64_t M, int64_t K, uint16_t* xa, int64_t mt0, int64_t mt1) {
+  const int64_t kbs = K / 32;
+  uint32_t* out = reinterpret_cast<uint32_t*>(xa) + mt0 * kbs * 256;
   __m512i rows[16];
-  for (int64_t mt = 0; mt < m_tiles; ++mt)
+  for (int64_t mt = mt0; mt < mt1; ++mt)
     for (int64_t kb = 0; kb < kbs; ++kb, out += 256) {
       for (int r = 0; r < 16; ++r) {
         const int64_t m = mt * 16 + r;
@@ -361,7 +362,6 @@ std::vector<uint16_t> amx_x_operand(const float* x, int64_t M, int64_t K) {
       }
       transpose16(rows, out);
     }
-  return xb;
 }
 
 // Weight rows [n, n + 16) dequantized to bfloat16: panel [K / 32][16][32].
@@ -446,6 +446,8 @@ void amx_block(const Problem& p, const uint16_t* panel0, const uint16_t* panel1,
 // kAmxColumns columns whose converted weights (kAmxColumns * K * 2 bytes) stay in L2 while
 // every row tile of x passes over them: x is read once per block, not once per 32 columns
 // (for a 4096-row prefill that is the difference between x coming from L2 and from DRAM).
+// With a single pair of row tiles (a decode step of up to 32 rows) nothing is reused across
+// blocks, and blocks of 32 columns keep the converted weights in L1 instead (1.1x).
 constexpr int64_t kAmxColumns = 256;
 void amx_columns(const Problem& p, int64_t n0, int64_t n1) {
   configure_tiles();
@@ -454,8 +456,9 @@ void amx_columns(const Problem& p, int64_t n0, int64_t n1) {
   const size_t panel_size = static_cast<size_t>(kbs) * 512;  // 16 columns
   if (scratch.size() < (kAmxColumns / 16) * panel_size) scratch.resize((kAmxColumns / 16) * panel_size);
   const int64_t m_tiles = (p.M + 15) / 16;
-  for (int64_t nb = n0; nb < n1; nb += kAmxColumns) {
-    const int64_t ne = nb + kAmxColumns < n1 ? nb + kAmxColumns : n1;
+  const int64_t block = m_tiles <= 2 ? 32 : kAmxColumns;
+  for (int64_t nb = n0; nb < n1; nb += block) {
+    const int64_t ne = nb + block < n1 ? nb + block : n1;
     for (int64_t n = nb; n < ne; n += 16) fill_amx_panel(p, scratch.data() + (n - nb) / 16 * panel_size, n);
     for (int64_t mt = 0; mt < m_tiles; mt += 2)
       for (int64_t n = nb; n < ne; n += 32) {
@@ -599,21 +602,32 @@ void fma_columns(const Problem& p, int64_t n0, int64_t n1) {
   }
 }
 
-// The product as pieces of whole groups of `unit` output columns (see parallel.h).
+// The product as pieces of whole groups of `unit` output columns times, on the tile unit,
+// `row_parts` ranges of whole pairs of row tiles (see parallel.h).
 struct QMatmulJob : align_jax::ParallelJob {
-  QMatmulJob(const Problem& problem, int64_t unit, int64_t groups, int64_t parts, std::vector<uint16_t> xa)
-      : ParallelJob(parts), p(problem), unit(unit), groups(groups), xa_buffer(std::move(xa)) {
-    if (!xa_buffer.empty()) p.xa = xa_buffer.data();
-  }
+  QMatmulJob(const Problem& problem, int64_t unit, int64_t groups, int64_t column_parts, int64_t row_parts)
+      : ParallelJob(column_parts * row_parts), p(problem), unit(unit), groups(groups),
+        column_parts(column_parts), row_parts(row_parts) {}
   Problem p;
-  const int64_t unit, groups;
-  std::vector<uint16_t> xa_buffer;  // owns p.xa
+  const int64_t unit, groups, column_parts, row_parts;
 
   int64_t bound(int64_t i) const {
-    const int64_t n = groups * i / parts * unit;
+    const int64_t n = groups * i / column_parts * unit;
     return n < p.N ? n : p.N;
   }
-  void run(int64_t part) override { run_columns(p, bound(part), bound(part + 1)); }
+  void run(int64_t part) override {
+    const int64_t c = part / row_parts, r = part % row_parts;
+    if (row_parts == 1) return run_columns(p, bound(c), bound(c + 1));
+    const int64_t pairs = (p.M + 31) / 32;
+    const int64_t m0 = pairs * r / row_parts * 32, m1 = std::min(p.M, pairs * (r + 1) / row_parts * 32);
+    if (m0 >= m1) return;
+    Problem q = p;  // rows [m0, m1): every row-indexed operand shifted
+    q.M = m1 - m0;
+    q.x = p.x + m0 * p.K;
+    q.y = p.y + m0 * p.N;
+    if (p.xa != nullptr) q.xa = p.xa + m0 * p.K;  // whole row tiles: 16 * K values each
+    run_columns(q, bound(c), bound(c + 1));
+  }
 };
 
 ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::S8> codes,
@@ -655,18 +669,41 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     return ffi::Error::InvalidArgument("qmatmul: block_size must be a power of two");
   if (p.M == 0 || p.N == 0) return ffi::Error::Success();
 
-  // bfloat16 mode: x is rounded to bfloat16 once here; with AMX and enough rows the
-  // products run on the tile unit from a bfloat16 copy of x padded to whole row tiles.
-  std::vector<float> x_rounded;
-  std::vector<uint16_t> xa, xb;
+  // bfloat16 mode: x is rounded to bfloat16 once here (in parallel, by rows); with AMX and
+  // enough rows the products run on the tile unit from a bfloat16 copy of x laid out in
+  // whole row tiles, which is all they read.
+  int64_t threads = pool.num_threads();
+  if (threads < 1) threads = 1;
+  align_jax::AlignedBuffer<float> x_rounded;  // uninitialised: every value is written below
+  std::vector<uint16_t> xb;
+  align_jax::AlignedBuffer<uint16_t> xa;
   int64_t unit = p.M >= kGemmMinRows ? kGemmCols : kNT;  // slices of whole GEMM panels
   if (p.bf16) {
-    x_rounded.resize(p.M * p.K);
-    for (int64_t i = 0; i + kLanes <= p.M * p.K; i += kLanes) store_f32(&x_rounded[i], round_bf16(load_f32(p.x + i)));
-    p.x = x_rounded.data();
+    bool amx = false;
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
-    if (p.M >= kAmxRows && p.K % 32 == 0 && amx_permitted()) {
-      xa = amx_x_operand(p.x, p.M, p.K);
+    amx = p.M >= kAmxRows && p.K % 32 == 0 && amx_permitted();
+#endif
+    // Pieces of whole rows, at least ~64K values each.
+    const int64_t row_parts = std::max<int64_t>(1, std::min<int64_t>(4 * threads, p.M * p.K / (1 << 16)));
+    const float* x_in = p.x;
+    if (!amx || p.N % 16 != 0) {  // read by the vector-unit paths
+      x_rounded.resize(p.M * p.K);
+      align_jax::parallel_for(pool, row_parts, [&](int64_t part) {
+        const int64_t r0 = p.M * part / row_parts, r1 = p.M * (part + 1) / row_parts;
+        float* out = x_rounded.data();
+        for (int64_t i = r0 * p.K; i < r1 * p.K; i += kLanes) store_f32(out + i, round_bf16(load_f32(x_in + i)));
+      });
+      p.x = x_rounded.data();
+    }
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
+    if (amx) {
+      const int64_t m_tiles = (p.M + 15) / 16;
+      const int64_t tile_parts = std::min(row_parts, m_tiles);
+      xa.resize(m_tiles * 16 * p.K);
+      align_jax::parallel_for(pool, tile_parts, [&](int64_t part) {
+        amx_x_tiles(x_in, p.M, p.K, xa.data(), m_tiles * part / tile_parts, m_tiles * (part + 1) / tile_parts);
+      });
+      p.xa = xa.data();
       unit = 32;
     }
 #endif
@@ -675,7 +712,7 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
       xb.resize(p.M * p.K);
       for (int64_t i = 0; i < p.M * p.K; ++i) {
         uint32_t bits;
-        std::memcpy(&bits, &x_rounded[i], 4);
+        std::memcpy(&bits, x_rounded.data() + i, 4);
         xb[i] = static_cast<uint16_t>(bits >> 16);
       }
       p.xb = xb.data();
@@ -685,20 +722,22 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 
   // Pieces of whole column groups, shared with the pool (parallel.h); not worth a
   // hand-off below ~64K multiply-adds per piece.
-  int64_t threads = pool.num_threads();
-  if (threads < 1) threads = 1;
-  if (!xa.empty()) p.xa = xa.data();
   const int64_t groups = (p.N + unit - 1) / unit;
   const int64_t by_size = (p.N * p.K * p.M) / (1 << 16);
   int64_t parts = 4 * threads;
-  if (parts > groups) parts = groups;
   if (parts > by_size) parts = by_size;
-  if (parts < 1) parts = 1;
-  if (parts == 1 || threads == 1) {
+  // On the tile unit with many rows, each thread also takes a range of rows, so that x is
+  // read from memory fewer times (each piece reads its rows of x once per column block).
+  int64_t row_parts = 1;
+  if (p.xa != nullptr && p.M >= kAmxSplitRows) row_parts = std::min(threads, p.M / (kAmxSplitRows / 2));
+  int64_t column_parts = (parts + row_parts - 1) / row_parts;
+  if (column_parts > groups) column_parts = groups;
+  if (column_parts < 1) column_parts = 1;
+  if (column_parts * row_parts == 1 || threads == 1) {
     run_columns(p, 0, p.N);
     return ffi::Error::Success();
   }
-  align_jax::run_parallel(pool, std::make_shared<QMatmulJob>(p, unit, groups, parts, std::move(xa)));
+  align_jax::run_parallel(pool, std::make_shared<QMatmulJob>(p, unit, groups, column_parts, row_parts));
   return ffi::Error::Success();
 }
 
