@@ -113,20 +113,17 @@ def weight_bytes(loaded) -> int:
     return int(total)
 
 
-def load_questions(data_dir: str, count: int) -> list[str]:
-    path = os.path.join(data_dir, "gsm8k", "test.jsonl")
-    questions = []
-    with open(path) as fh:
-        for line_no, line in enumerate(fh, 1):
-            if len(questions) == count:
-                break
-            try:
-                questions.append(json.loads(line)["question"])
-            except (json.JSONDecodeError, KeyError) as err:
-                raise SystemExit(f"{path}:{line_no}: bad GSM8K record ({err})")
-    if len(questions) < count:
-        raise SystemExit(f"{path}: only {len(questions)} questions, need {count}")
-    return questions
+def load_questions(data_dir: str | None, count: int) -> list[str]:
+    """The first ``count`` GSM8K test questions (the library's loader and data-dir resolution)."""
+    from align_jax.data.datasets import DatasetError, load_dataset
+
+    try:
+        problems = load_dataset("gsm8k", "test", data_dir, limit=count)
+    except DatasetError as err:
+        raise SystemExit(f"{err} (set --data-dir to the folder holding gsm8k/test.jsonl)")
+    if len(problems) < count:
+        raise SystemExit(f"GSM8K test has only {len(problems)} questions, need {count}")
+    return [p.question for p in problems]
 
 
 def torch_model_from_ours(loaded):
@@ -246,7 +243,7 @@ def main(argv=None) -> int:
     parser.add_argument("--batches", default="1,8,32", help="comma-separated batch sizes")
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=1, help="timed repetitions after the compile call (min taken)")
-    parser.add_argument("--data-dir", default=os.environ.get("ALIGN_JAX_DATA", "/work/shared/data"))
+    parser.add_argument("--data-dir", default=None, help="default: $ALIGN_JAX_DATA_DIR, else ../shared/data")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
                         help="our activation / KV-cache dtype")
     parser.add_argument("--param-dtype", default=None, choices=["float32", "bfloat16"],

@@ -7,14 +7,12 @@ Usage::
     python experiments/generate_example.py --model smollm2-135m --data-dir /path/to/data
 
 Prints the prompt, each completion, its finish reason, token counts, timings and the
-reference answer from the dataset (the ``#### N`` line).
+reference answer from the dataset.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import time
 
 import jax
@@ -27,25 +25,24 @@ INSTRUCTION = (
 )
 
 
-def read_question(data_dir: str, index: int) -> dict:
-    path = os.path.join(data_dir, "gsm8k", "test.jsonl")
-    if not os.path.isfile(path):
-        raise SystemExit(f"{path} not found (set --data-dir to the folder holding gsm8k/test.jsonl)")
-    with open(path) as fh:
-        for line_no, line in enumerate(fh, 1):
-            if line_no - 1 == index:
-                try:
-                    record = json.loads(line)
-                    return {"question": record["question"], "answer": record["answer"]}
-                except (json.JSONDecodeError, KeyError) as err:
-                    raise SystemExit(f"{path}:{line_no}: bad GSM8K record ({err})")
-    raise SystemExit(f"{path}: no question at index {index}")
+def read_question(data_dir: str | None, index: int):
+    """GSM8K test question ``index`` through the library's loader (``--data-dir``, else
+    ``$ALIGN_JAX_DATA_DIR``, else ``../shared/data``); a clear exit on a missing file or bad record."""
+    from align_jax.data.datasets import DatasetError, load_dataset
+
+    try:
+        problems = load_dataset("gsm8k", "test", data_dir, limit=1, offset=index)
+    except DatasetError as err:
+        raise SystemExit(f"{err} (set --data-dir to the folder holding gsm8k/test.jsonl)")
+    if not problems:
+        raise SystemExit(f"GSM8K test has no question at index {index}")
+    return problems[0]
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="qwen2.5-coder-0.5b")
-    parser.add_argument("--data-dir", default=os.environ.get("ALIGN_JAX_DATA", "/work/shared/data"))
+    parser.add_argument("--data-dir", default=None, help="default: $ALIGN_JAX_DATA_DIR, else ../shared/data")
     parser.add_argument("--index", type=int, default=0, help="GSM8K test question index")
     parser.add_argument("--num-samples", type=int, default=1)
     parser.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
@@ -53,6 +50,9 @@ def main(argv=None) -> int:
     parser.add_argument("--max-new-tokens", type=int, default=512)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--param-dtype", default=None, choices=["float32", "bfloat16"],
+                        help="weights (default: --dtype); bfloat16 with float32 --dtype is the mixed mode")
+    parser.add_argument("--quantized", action="store_true", help="keep the GGUF's block-quantized weights")
     args = parser.parse_args(argv)
 
     enable_compilation_cache()
@@ -60,11 +60,12 @@ def main(argv=None) -> int:
 
     record = read_question(args.data_dir, args.index)
     t0 = time.perf_counter()
-    loaded = load_pretrained(args.model, dtype=args.dtype)
+    loaded = load_pretrained(args.model, dtype=args.dtype, param_dtype=args.param_dtype, quantized=args.quantized)
     load_s = time.perf_counter() - t0
     sampler = Sampler(loaded)
-    conversation = [{"role": "user", "content": INSTRUCTION.format(question=record["question"])}]
-    print(f"jax {jax.__version__} on {jax.devices()[0]}; {args.model} ({args.dtype}) loaded in {load_s:.1f}s")
+    conversation = [{"role": "user", "content": INSTRUCTION.format(question=record.question)}]
+    mode = f"dtype {args.dtype}, weights {args.param_dtype or args.dtype}" + (", quantized" if args.quantized else "")
+    print(f"jax {jax.__version__} on {jax.devices()[0]}; {args.model} ({mode}) loaded in {load_s:.1f}s")
     print("=" * 80)
     print(loaded.tokenizer.apply_chat_template(conversation))
     t0 = time.perf_counter()
@@ -79,7 +80,7 @@ def main(argv=None) -> int:
               f"mean logprob={out.logprobs[0, k, : out.lengths[0, k]].mean():.3f}")
         print(text)
     print("=" * 80)
-    print(f"reference: {record['answer'].splitlines()[-1]}")
+    print(f"reference ({record.id}): {record.gold}")
     print(f"prompt tokens {int(out.prompt_tokens[0])}, generated {out.generated_tokens} in {gen_s:.1f}s "
           f"(first call includes compilation; {out.num_steps} decode steps)")
     return 0
