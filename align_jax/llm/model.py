@@ -610,17 +610,15 @@ class Transformer(nnx.Module):
         fresh = cache is not None and isinstance(cache_index, int) and cache_index == 0 and l > 1
         cache_index = jnp.asarray(cache_index, jnp.int32)
         query_pos = jnp.arange(l, dtype=jnp.int32)
-        if fresh:
+        if cache is None or fresh:  # causal over the L new positions
             mask = jnp.broadcast_to((query_pos[None, :] <= query_pos[:, None])[None], (b, l, l))
-            if kv_mask is not None:
+            if fresh and kv_mask is not None:
                 kv_mask = kv_mask[:, :l]
-        elif cache is not None:
+        else:
             s = cache.num_slots
             slots = jnp.arange(s, dtype=jnp.int32)
             mask = slots[None, :] <= (cache_index + query_pos)[:, None]  # [L, S]
             mask = jnp.broadcast_to(mask[None], (b, l, s))
-        else:
-            mask = jnp.broadcast_to((query_pos[None, :] <= query_pos[:, None])[None], (b, l, l))
         if kv_mask is not None:
             mask = mask & kv_mask[:, None, :].astype(bool)
         new_k, new_v = [], []

@@ -686,12 +686,12 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
     amx = p.M >= kAmxRows && p.K % 32 == 0 && amx_permitted();
 #endif
     // Pieces of whole rows, at least ~64K values each.
-    const int64_t row_parts = std::max<int64_t>(1, std::min<int64_t>(4 * threads, p.M * p.K / (1 << 16)));
+    const int64_t prep_parts = std::max<int64_t>(1, std::min<int64_t>(4 * threads, p.M * p.K / (1 << 16)));
     const float* x_in = p.x;
     if (!amx || p.N % 16 != 0) {  // read by the vector-unit paths
       x_rounded.resize(p.M * p.K);
-      align_jax::parallel_for(pool, row_parts, [&](int64_t part) {
-        const int64_t r0 = p.M * part / row_parts, r1 = p.M * (part + 1) / row_parts;
+      align_jax::parallel_for(pool, prep_parts, [&](int64_t part) {
+        const int64_t r0 = p.M * part / prep_parts, r1 = p.M * (part + 1) / prep_parts;
         float* out = x_rounded.data();
         for (int64_t i = r0 * p.K; i < r1 * p.K; i += kLanes) store_f32(out + i, round_bf16(load_f32(x_in + i)));
       });
@@ -700,7 +700,7 @@ ffi::Error QMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
     if (amx) {
       const int64_t m_tiles = (p.M + 15) / 16;
-      const int64_t tile_parts = std::min(row_parts, m_tiles);
+      const int64_t tile_parts = std::min(prep_parts, m_tiles);
       xa.resize(m_tiles * 16 * p.K);
       align_jax::parallel_for(pool, tile_parts, [&](int64_t part) {
         amx_x_tiles(x_in, p.M, p.K, xa.data(), m_tiles * part / tile_parts, m_tiles * (part + 1) / tile_parts);
