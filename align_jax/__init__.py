@@ -8,7 +8,11 @@ The public API is re-exported here (as optax and mctx do):
   :func:`sample`, :func:`sample_batch`;
 * diagnostics: :func:`nash_gap`, :func:`deviation_gain`, :func:`pareto_mask`,
   :func:`baselines`, :func:`regret_bound`;
-* sweeps: :func:`run_simulation` (``align-jax simulate``).
+* sweeps: :func:`run_simulation` (``align-jax simulate``);
+* plug-in points: :class:`Learner` / :data:`LEARNERS` (the agents' online learner),
+  :class:`Registry`, and the shared runner module :mod:`align_jax.runner`
+  (principals, candidate generators, reason methods and CAGE objectives have their
+  registries in :mod:`align_jax.methods`).
 """
 
 from align_jax.game import (
@@ -18,6 +22,8 @@ from align_jax.game import (
     GameInputError,
     GameParams,
     GameResult,
+    LEARNERS,
+    Learner,
     Outcome,
     ScenarioParams,
     ScenarioSpec,
@@ -29,6 +35,7 @@ from align_jax.game import (
     nash_gap,
     pareto_mask,
     play,
+    play_batch,
     play_game,
     ranking_feedback,
     regret_bound,
@@ -38,6 +45,7 @@ from align_jax.game import (
     validate_candidates,
 )
 from align_jax.config import ConfigError, load_config
+from align_jax.registry import Registry
 from align_jax.simulate import SimulateConfig, load_simulate_config, run_simulation
 
 __version__ = "0.1.0"
@@ -49,6 +57,8 @@ __all__ = [
     "GameInputError",
     "GameParams",
     "GameResult",
+    "LEARNERS",
+    "Learner",
     "Outcome",
     "ScenarioParams",
     "ScenarioSpec",
@@ -60,6 +70,7 @@ __all__ = [
     "nash_gap",
     "pareto_mask",
     "play",
+    "play_batch",
     "play_game",
     "ranking_feedback",
     "regret_bound",
@@ -69,6 +80,7 @@ __all__ = [
     "validate_candidates",
     "ConfigError",
     "load_config",
+    "Registry",
     "SimulateConfig",
     "load_simulate_config",
     "run_simulation",

@@ -3,32 +3,29 @@
     align-jax simulate configs/theorem1_sweep.yaml [--scenarios N] [--output-dir DIR] [--no-figures]
     align-jax reason configs/reason_small.yaml      ALIGN + baselines with real LLMs on math benchmarks
     align-jax replay configs/reason_small.yaml      swap the principal on a finished reason run (no model)
-    align-jax align configs/cage_small.yaml         CAGE multi-objective decoding over a weight grid
+    align-jax cage configs/cage_small.yaml          CAGE multi-objective decoding over a weight grid
+                                                    (``align-jax align`` is its deprecated old name)
+
+Every command runs on the shared runner (:mod:`align_jax.runner`) and reports bad input
+here, in one place: ``align-jax: error: <file>:<line>: <field>: <message>`` and exit 2.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
 from typing import Optional, Sequence
 
-__all__ = ["main"]
+__all__ = ["main", "build_parser", "user_errors"]
+
+_SIMULATE_OVERRIDES = ("scenarios_per_point", "seed", "output_dir")
 
 
 def _simulate(args) -> int:
     from align_jax import simulate
+    from align_jax.runner import apply_overrides
 
-    config = simulate.load_simulate_config(args.config)
-    overrides = {}
-    if args.scenarios is not None:
-        overrides["scenarios_per_point"] = args.scenarios
-    if args.output_dir is not None:
-        overrides["output_dir"] = args.output_dir
-    if args.seed is not None:
-        overrides["seed"] = args.seed
-    if overrides:
-        config = dataclasses.replace(config, **overrides)
+    config = apply_overrides(simulate.load_simulate_config(args.config), args, _SIMULATE_OVERRIDES)
     frame = simulate.run_simulation(config, progress=not args.quiet, figures=not args.no_figures)
     simulate.print_summary(config, frame)
     print(f"results: {simulate.run_dir(config)}")
@@ -36,34 +33,41 @@ def _simulate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The argument parser with every sub-command."""
+    from align_jax.methods.cage import add_cage_subcommand
+    from align_jax.methods.reason import add_reason_subcommand
+    from align_jax.methods.replay import add_replay_subcommand
+    from align_jax.runner import add_run_arguments
+
     parser = argparse.ArgumentParser(prog="align-jax", description=__doc__.strip().splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="synthetic sweep of the ALIGN delegation game")
-    sim.add_argument("config", help="YAML sweep config (see configs/)")
-    sim.add_argument("--scenarios", type=int, help="override scenarios_per_point")
-    sim.add_argument("--seed", type=int, help="override seed")
-    sim.add_argument("--output-dir", help="override output_dir")
-    sim.add_argument("--no-figures", action="store_true", help="skip the figures")
-    sim.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_arguments(sim, _SIMULATE_OVERRIDES, flags={"scenarios_per_point": "--scenarios"})
     sim.set_defaults(func=_simulate)
-    from align_jax.methods.reason import add_reason_subcommand
-    from align_jax.methods.cage import add_align_subcommand
-    from align_jax.methods.replay import add_replay_subcommand
-
     add_reason_subcommand(sub)
     add_replay_subcommand(sub)
-    add_align_subcommand(sub)
+    add_cage_subcommand(sub)
     return parser
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    from align_jax.config import ConfigError
+def user_errors() -> tuple[type, ...]:
+    """The exception types that mean bad input (reported as one line, exit 2), not a bug."""
+    from align_jax.config import ConfigError, FieldError
+    from align_jax.data.datasets import DatasetError
     from align_jax.game.types import GameInputError
+    from align_jax.llm.registry import ModelPackageError
+    from align_jax.llm.weights import WeightsError
+    from align_jax.runio import CorruptResultsError
 
+    return ConfigError, FieldError, GameInputError, DatasetError, WeightsError, ModelPackageError, CorruptResultsError
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Runs one ``align-jax`` sub-command; returns the exit status."""
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ConfigError, GameInputError) as exc:
+    except user_errors() as exc:
         print(f"align-jax: error: {exc}", file=sys.stderr)
         return 2
 

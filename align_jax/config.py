@@ -12,6 +12,7 @@ before anything is compiled or loaded.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import types
 import typing
@@ -129,9 +130,13 @@ def _convert(value: Any, tp, path: tuple, ctx: _Context):
     return value
 
 
+@functools.lru_cache(maxsize=None)
+def _schema(cls) -> tuple[dict, dict]:
+    return typing.get_type_hints(cls), {f.name: f for f in dataclasses.fields(cls) if f.init}
+
+
 def _build(cls, data: dict, path: tuple, ctx: _Context):
-    hints = typing.get_type_hints(cls)
-    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    hints, fields = _schema(cls)
     kwargs = {}
     for key, value in data.items():
         key = str(key)

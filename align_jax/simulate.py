@@ -6,8 +6,9 @@ grid point plays ``scenarios_per_point`` synthetic games in chunks of
 the points that share it: rho, noise, eta, ... are array arguments), reduces
 them on the device to means and standard errors, and appends one JSON line to
 ``<output_dir>/<name>/seed<seed>/results.jsonl``.  Points already in that file
-are skipped on a rerun, so a crashed sweep resumes without losing or
-repeating work.  At the end the run directory gets ``results.csv``,
+are skipped on a rerun (the shared runner, :mod:`align_jax.runner`), so a
+crashed sweep resumes without losing or repeating work; a rerun with other
+settings under the same name is refused.  At the end the run directory gets ``results.csv``,
 ``summary.md`` and the figures.
 """
 
@@ -18,7 +19,6 @@ import hashlib
 import itertools
 import json
 import math
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -27,11 +27,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from align_jax.runio import append_jsonl, atomic_write, read_jsonl
-from align_jax.config import ConfigError, FieldError, config_to_dict, load_config
-from align_jax.game.delegation import _play_batch
+from align_jax import runner
+from align_jax.config import ConfigError, FieldError, load_config
+from align_jax.game.delegation import play_batch
 from align_jax.game.scenarios import ScenarioParams, ScenarioSpec, sample, utility_correlation
-from align_jax.game.types import GameConfig, GameInputError, GameParams
+from align_jax.game.types import GameInputError, GameParams
+from align_jax.sections import GameSection
 
 __all__ = [
     "GameSection",
@@ -44,34 +45,10 @@ __all__ = [
 ]
 
 METHODS = ("align", "fair_single", "uniform_principal", "oracle", "random")
-_GAME_STATIC = ("num_rounds", "mode", "schedule", "early_stop_tol")
+_GAME_STATIC = ("num_rounds", "mode", "schedule", "early_stop_tol", "learner")
 _SCENARIO_STATIC = ("num_agents", "num_candidates", "pool_size", "min_candidates", "has_correct")
 _SCENARIO_ARRAYS = ScenarioParams._fields
 SWEEPABLE = _GAME_STATIC + ("step_size",) + _SCENARIO_STATIC + _SCENARIO_ARRAYS
-
-
-@dataclasses.dataclass(frozen=True)
-class GameSection:
-    """The ``game:`` section: see :class:`align_jax.game.GameConfig` and ``GameParams``."""
-
-    num_rounds: int = 20
-    mode: str = "expected"
-    schedule: str = "constant"
-    step_size: float = 0.1
-    early_stop_tol: float = 0.0
-
-    def __post_init__(self):
-        self.game_config(record_trajectory=False)
-        GameParams.create(self.step_size)
-
-    def game_config(self, record_trajectory: bool) -> GameConfig:
-        return GameConfig(
-            num_rounds=self.num_rounds,
-            mode=self.mode,
-            schedule=self.schedule,
-            early_stop_tol=self.early_stop_tol,
-            record_trajectory=record_trajectory,
-        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -253,7 +230,7 @@ def _chunk_impl(spec, game_config, chunk, scenario_params, game_params, key, cou
     corr = jax.vmap(utility_correlation)(candidates)
     game_keys = jax.random.split(k_game, chunk)
     params = GameParams(step_size=jnp.broadcast_to(game_params.step_size, (chunk,)))
-    result = _play_batch(game_config, candidates, game_keys, params)
+    result = play_batch(game_config, candidates, game_keys, params)
     mask = (jnp.arange(chunk) < count).astype(jnp.float32)
     stats = _per_game_stats(result, corr)
     sums = {k: jnp.sum(mask * v) for k, v in stats.items()}
@@ -271,17 +248,6 @@ def _chunk_impl(spec, game_config, chunk, scenario_params, game_params, key, cou
 
 
 _chunk = jax.jit(_chunk_impl, static_argnums=(0, 1, 2))
-
-
-def _read_done(path: Path) -> dict[str, dict]:
-    return {row["point_id"]: row for _, row in read_jsonl(path) if "point_id" in row}
-
-
-def _append_line(path: Path, row: dict) -> None:
-    append_jsonl(path, [row])
-
-
-_atomic_write = atomic_write
 
 
 def run_point(config: SimulateConfig, point: dict) -> dict:
@@ -329,44 +295,33 @@ def run_point(config: SimulateConfig, point: dict) -> dict:
 
 def run_dir(config: SimulateConfig) -> Path:
     """``output_dir/name/seed<seed>``."""
-    return Path(config.output_dir) / config.name / f"seed{config.seed}"
+    return runner.run_dir(config.output_dir, config.name, config.seed)
+
+
+SETTINGS_EXCLUDE = ("name", "output_dir", "sweep", "x_axis")
+"""Settings that do not change a grid point's row (the sweep only selects which points run)."""
 
 
 def run_simulation(config: SimulateConfig, *, progress: bool = True, figures: bool = True):
-    """Runs (or resumes) a sweep; returns the results as a pandas DataFrame."""
+    """Runs (or resumes) a sweep on the shared runner; returns the results as a pandas DataFrame."""
     import pandas as pd
 
-    out = run_dir(config)
-    out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "config.json", json.dumps(config_to_dict(config), indent=2, sort_keys=True))
-    results_path = out / "results.jsonl"
-    done = _read_done(results_path)
+    files = runner.RunFiles(run_dir(config), key_field="point_id",
+                            settings=runner.settings_hash(config, exclude=SETTINGS_EXCLUDE), config=config)
     points = sweep_points(config)
     ids = [_point_id(config, p) for p in points]
-    todo = [(p, i) for p, i in zip(points, ids) if i not in done]
-
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()]
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task(f"{config.name}: grid points", total=len(points), completed=len(points) - len(todo))
-        for point, point_id in todo:
-            bar.update(task, description=f"{config.name}: {_label(point)}")
-            row = run_point(config, point)
-            _append_line(results_path, row)
-            done[point_id] = row
-            bar.advance(task)
-
-    rows = [done[i] for i in ids]
-    frame = pd.DataFrame([{k: v for k, v in r.items() if k != "trajectory"} for r in rows])
-    tmp = out / f".results.csv.tmp{os.getpid()}"
-    frame.to_csv(tmp, index=False)
-    os.replace(tmp, out / "results.csv")
-    _atomic_write(out / "summary.md", summary_markdown(config, frame))
+    units = [runner.Unit((i,), _label(p), p) for p, i in zip(points, ids)]
+    runner.run_units(files, units, lambda unit: [run_point(config, unit.payload)],
+                     description=f"{config.name}: grid points", progress=progress)
+    rows = files.rows(ids)
+    flat = [{k: v for k, v in r.items() if k not in ("trajectory", runner.HASH_FIELD)} for r in rows]
+    runner.write_csv(files.path("results.csv"), flat)
+    frame = pd.DataFrame(flat)
+    files.write_text("summary.md", summary_markdown(config, frame))
     if figures:
         from align_jax import plots
 
-        plots.simulation_figures(config, rows, out)
+        plots.simulation_figures(config, rows, files.directory)
     return frame
 
 

@@ -19,7 +19,6 @@ import statistics
 import time
 
 import jax
-import numpy as np
 
 
 def main() -> None:
@@ -66,11 +65,15 @@ def main() -> None:
                 processors[name] = cage.make_processor(objs, method=method, top_m=args.top_m, vocab_size=vocab)
             ctx = cage.DecodeContext(base.tokenizer, vocab, tuple(convs), 1, args.tokens,
                                      tuple(base.tokenizer.eos_token_ids))
-            state = cage.init_cage_state(objs, ctx, w)
-            jax.block_until_ready(state)
+            params, state = cage.init_cage(objs, ctx, w)
+            jax.block_until_ready((params, state))
             t0 = time.perf_counter()  # objective set-up (guide prefill, tables) is not decoding
             proc, upd = processors[name]
-            kwargs.update(logits_processor=proc, processor_update=upd, processor_state=state)
+            # as cage.decode_with_method: the state (the guide's KV cache) is donated, only the
+            # per-row count of unconverged solves comes back to the host
+            kwargs.update(logits_processor=proc, processor_update=upd, processor_state=state,
+                          processor_params=params, donate_processor_state=True,
+                          return_processor_state=lambda user: user.unconverged)
         out = sampler.generate(prompts, **kwargs)  # returns host arrays: already synchronised
         return time.perf_counter() - t0, out.generated_tokens
 

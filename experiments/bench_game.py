@@ -4,10 +4,10 @@ On the same synthetic inputs, in one run, measures game-rounds per second
 (games x T / seconds) of
 
 * ``align_jax.game.delegation.play`` (jit, vmap over games, ``lax.scan`` over rounds),
-* ``align_jax.game.reference.play_numpy`` (float32, broadcasting over
+* ``tests.game.reference.play_numpy`` (the test oracle; float32, broadcasting over
   ``[Q, N, K, N, K]``, a Python loop over rounds only) on up to
   ``--numpy-max-log2`` games,
-* ``align_jax.game.reference.play_python`` (plain Python loops) on
+* ``tests.game.reference.play_python`` (plain Python loops) on
   ``--python-games`` games, scaled per game-round,
 
 for batches ``2^--log2-min .. 2^--log2-max``.  All three play the complete
@@ -52,8 +52,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from align_jax.game import delegation, reference
+from align_jax.game import delegation
 from align_jax.game.types import CandidateSet, GameConfig, GameParams, make_candidates
+
+# The slow references are the tests' oracle and live under tests/, not in the package.
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir))
+from tests.game import reference  # noqa: E402
 
 
 def synthetic_games(num_games: int, num_agents: int, num_candidates: int, seed: int) -> CandidateSet:

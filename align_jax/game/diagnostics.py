@@ -11,6 +11,12 @@ engine.  Notation: ``u_i(k)`` agent utility, ``s_i(k)`` principal score,
   (``0`` iff ``pi`` is a Nash equilibrium of the one-shot submission game).
 * Pareto set of agent ``i``: its valid slots not dominated in
   ``(u_i(k), s_i(k))`` by another of its own valid slots.
+
+An agent with no valid slot abstains (see :mod:`align_jax.game.ranking`): it
+ranks nobody, its deviation gain is 0, it submits ``-1`` and the principal
+never picks it.  A game where no agent has a valid slot has no pick
+(``chosen_agent = -1``) and zero outcomes; ``validate_candidates`` rejects it
+on the host.
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ __all__ = [
 
 def slot_payoff(candidates: CandidateSet, profile: jax.Array) -> jax.Array:
     """``U_i(k; pi_{-i}) = u_i(k) E f(k; pi_{-i})`` ``[N, K]`` (zero off valid slots)."""
-    feedback = ranking_feedback(candidates.principal_score, profile)
+    present = jnp.any(candidates.valid, axis=-1)
+    feedback = ranking_feedback(candidates.principal_score, profile, present)
     return jnp.where(candidates.valid, candidates.agent_utility * feedback, 0.0)
 
 
@@ -72,25 +79,30 @@ def principal_pick(candidates: CandidateSet, submission: jax.Array) -> tuple[jax
     """The principal takes the submission with the highest score (lowest agent index on ties).
 
     Args:
-      submission: int32 ``[N]`` slot submitted by each agent.
+      submission: int32 ``[N]`` slot submitted by each agent (ignored for an
+        agent with no valid slot, which abstains).
 
     Returns:
-      ``(chosen_agent, Outcome)``.
+      ``(chosen_agent, Outcome)``; ``chosen_agent = -1`` and a zero outcome
+      when no agent has a valid slot.
     """
     n = submission.shape[0]
     agents = jnp.arange(n)
-    scores = candidates.principal_score[agents, submission]
+    present = jnp.any(candidates.valid, axis=-1)
+    scores = jnp.where(present, candidates.principal_score[agents, submission], -jnp.inf)
     chosen = jnp.argmax(scores)
     slot = submission[chosen]
+    any_present = jnp.any(present)
     outcome = Outcome(
-        principal_value=candidates.principal_value[chosen, slot],
-        correct=candidates.correct[chosen, slot].astype(jnp.float32),
+        principal_value=jnp.where(any_present, candidates.principal_value[chosen, slot], 0.0),
+        correct=jnp.where(any_present, candidates.correct[chosen, slot], False).astype(jnp.float32),
     )
-    return chosen.astype(jnp.int32), outcome
+    return jnp.where(any_present, chosen, -1).astype(jnp.int32), outcome
 
 
 def _expected_outcome(candidates: CandidateSet, weight: jax.Array) -> Outcome:
-    weight = weight / jnp.sum(weight)
+    total = jnp.sum(weight)
+    weight = weight / jnp.where(total > 0, total, 1.0)  # zero outcome for a game without valid slots
     return Outcome(
         principal_value=jnp.sum(weight * jnp.where(candidates.valid, candidates.principal_value, 0.0)),
         correct=jnp.sum(weight * candidates.correct.astype(jnp.float32)),
@@ -152,11 +164,13 @@ def uniform_principal(candidates: CandidateSet) -> Outcome:
 
     Slot ``(i, k)`` is picked with probability
     ``(1/K_i) prod_{j<i} P(s_j < s_i(k)) prod_{j>i} P(s_j <= s_i(k))``
-    (the principal breaks ties toward the lower agent index).
+    (the principal breaks ties toward the lower agent index; the product runs
+    over the agents with a valid slot).
     """
     s, valid = candidates.principal_score, candidates.valid
     n = s.shape[0]
-    uniform = valid / jnp.sum(valid, axis=-1, keepdims=True)
+    num_valid = jnp.sum(valid, axis=-1, keepdims=True)
+    uniform = valid / jnp.maximum(num_valid, 1)
     query = s[:, :, None, None]
     other = s[None, None, :, :]
     p_less = jnp.einsum("ikjl,jl->ikj", (other < query).astype(jnp.float32), uniform)
@@ -165,6 +179,7 @@ def uniform_principal(candidates: CandidateSet) -> Outcome:
     lower = agent[None, :] < agent[:, None]  # [i, j]: j < i
     higher = agent[None, :] > agent[:, None]
     factor = jnp.where(lower[:, None, :], p_less, jnp.where(higher[:, None, :], p_leq, 1.0))
+    factor = jnp.where((num_valid[:, 0] > 0)[None, None, :], factor, 1.0)  # abstaining agents
     weight = uniform * jnp.prod(factor, axis=-1)
     return Outcome(
         principal_value=jnp.sum(weight * jnp.where(valid, candidates.principal_value, 0.0)),

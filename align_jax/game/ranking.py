@@ -18,9 +18,17 @@ over *independent* mixed strategies ``pi_{-i}`` is exact and cheap:
 
 A sampled profile is the special case ``pi_j = onehot(a_j)``, so one function
 serves both game modes.
+
+Abstaining agents.  An agent with no valid slot takes no part: it submits
+nothing, ranks nobody, and the others are ranked among the ``M`` agents that
+do take part (``N - 1`` becomes ``M - 1`` above; ``f = +1`` when ``M = 1``),
+exactly as in the game without it.  Pass ``present`` (bool ``[N]``) for that;
+its opponent-policy row must then be zero (the learners' policy is).
 """
 
 from __future__ import annotations
+
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -45,13 +53,25 @@ def outrank_weights(principal_score: jax.Array) -> jax.Array:
     return weights * not_self[:, None, :, None]
 
 
-def ranking_feedback(principal_score: jax.Array, opponent_policy: jax.Array) -> jax.Array:
+def _num_others(n: int, present: Optional[jax.Array]):
+    """``N - 1``, or ``max(M - 1, 1)`` with ``M`` the agents taking part."""
+    if present is None:
+        return n - 1
+    return jnp.maximum(jnp.sum(present, axis=-1).astype(jnp.float32) - 1.0, 1.0)
+
+
+def ranking_feedback(
+    principal_score: jax.Array, opponent_policy: jax.Array, present: Optional[jax.Array] = None
+) -> jax.Array:
     """Expected feedback ``E f(k)`` of every slot of every agent.
 
     Args:
       principal_score: float ``[N, K]`` scores ``s_i(k)``.
       opponent_policy: float ``[N, K]`` each agent's mixed strategy (zero on
-        invalid slots), or one-hot rows for a sampled profile.
+        invalid slots; an all-zero row for an abstaining agent), or one-hot
+        rows for a sampled profile.
+      present: optional bool ``[N]``, the agents taking part (those with a
+        valid slot); default all.
 
     Returns:
       float32 ``[N, K]`` in ``[-1, 1]``; all ones when ``N = 1``.
@@ -60,10 +80,12 @@ def ranking_feedback(principal_score: jax.Array, opponent_policy: jax.Array) -> 
     if n == 1:
         return jnp.ones(principal_score.shape, jnp.float32)
     above = jnp.einsum("ikjl,jl->ik", outrank_weights(principal_score), opponent_policy)
-    return 1.0 - 2.0 * above / (n - 1)
+    return 1.0 - 2.0 * above / _num_others(n, present)
 
 
-def submission_feedback(principal_score: jax.Array, submission: jax.Array) -> jax.Array:
+def submission_feedback(
+    principal_score: jax.Array, submission: jax.Array, present: Optional[jax.Array] = None
+) -> jax.Array:
     """Feedback ``f(k; a_{-i})`` of every slot against pure submissions ``a``.
 
     Equals ``ranking_feedback(principal_score, one_hot(submission))`` in
@@ -71,7 +93,9 @@ def submission_feedback(principal_score: jax.Array, submission: jax.Array) -> ja
 
     Args:
       principal_score: float ``[N, K]``.
-      submission: int ``[N]`` the slot each agent submitted.
+      submission: int ``[N]`` the slot each agent submitted (ignored for an
+        agent not ``present``).
+      present: optional bool ``[N]``, the agents taking part; default all.
 
     Returns:
       float32 ``[N, K]``; all ones when ``N = 1``.
@@ -84,5 +108,7 @@ def submission_feedback(principal_score: jax.Array, submission: jax.Array) -> ja
     other = submitted[None, None, :]
     weights = (other > query).astype(jnp.float32) + 0.5 * (other == query).astype(jnp.float32)
     not_self = 1.0 - jnp.eye(n, dtype=jnp.float32)
+    if present is not None:
+        not_self = jnp.where(present[None, :], not_self, 0.0)
     above = jnp.sum(weights * not_self[:, None, :], axis=-1)
-    return 1.0 - 2.0 * above / (n - 1)
+    return 1.0 - 2.0 * above / _num_others(n, present)

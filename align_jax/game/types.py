@@ -17,6 +17,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from align_jax.game.learner import LEARNERS
+from align_jax.registry import UnknownNameError
+
 __all__ = [
     "CandidateSet",
     "GameConfig",
@@ -56,8 +59,9 @@ class CandidateSet(NamedTuple):
     Attributes:
       answer_id: int32 ``[..., N, K]`` canonical answer of each slot (equal ids
         mean equal answers, across agents too).
-      valid: bool ``[..., N, K]`` padding mask; every agent needs at least one
-        valid slot.
+      valid: bool ``[..., N, K]`` padding mask.  An agent with no valid slot
+        abstains (it never submits and the game is played among the others);
+        every game needs at least one valid slot.
       agent_utility: float32 ``[..., N, K]`` the agent's internal utility
         ``u_i(k) >= 0`` (e.g. self-consistency frequency).
       principal_score: float32 ``[..., N, K]`` the score ``s_i(k)`` the
@@ -133,29 +137,47 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
-def validate_candidates(candidates: CandidateSet) -> None:
-    """Checks a candidate set on the host; raises :class:`GameInputError`.
+_DTYPES = {
+    "answer_id": (jnp.integer, "an integer"),
+    "valid": (jnp.bool_, "a bool"),
+    "agent_utility": (jnp.floating, "a float"),
+    "principal_score": (jnp.floating, "a float"),
+    "principal_value": (jnp.floating, "a float"),
+    "correct": (jnp.bool_, "a bool"),
+}
 
-    Checks shapes agree, utilities and scores are finite where valid, agent
-    utilities are non-negative, and every agent of every question has at
-    least one valid slot.  The error names the field and the first offending
-    question / agent / slot.  Traced inputs (inside ``jit``) are not checked.
+
+def validate_candidates(candidates: CandidateSet, *, values: bool = True) -> None:
+    """Checks a candidate set; raises :class:`GameInputError`.
+
+    Checks the leaves' shapes agree and their dtypes (``valid`` and
+    ``correct`` bool, ``answer_id`` integer, the utilities and scores float)
+    -- these checks also run on traced inputs (inside ``jit``, at trace time).
+    With ``values`` and concrete inputs it also checks, on the host, that
+    utilities and scores are finite where valid, agent utilities are
+    non-negative, and every question has at least one valid slot (an agent
+    without one abstains, which is allowed).  The error names the field and
+    the first offending question / agent / slot.
     """
     if not isinstance(candidates, CandidateSet):
         raise GameInputError(f"expected a CandidateSet, got {type(candidates).__name__}")
-    shape = candidates.valid.shape
+    shape = np.shape(candidates.valid)
     if len(shape) < 2:
         raise GameInputError(f"CandidateSet.valid must be [..., N, K], got shape {shape}")
     for name, value in candidates._asdict().items():
-        if tuple(value.shape) != tuple(shape):
+        if tuple(np.shape(value)) != tuple(shape):
             raise GameInputError(
-                f"CandidateSet.{name} has shape {tuple(value.shape)}, expected {tuple(shape)}"
+                f"CandidateSet.{name} has shape {tuple(np.shape(value))}, expected {tuple(shape)}"
             )
+        kind, what = _DTYPES[name]
+        dtype = value.dtype if hasattr(value, "dtype") else np.asarray(value).dtype
+        if not jnp.issubdtype(dtype, kind):
+            raise GameInputError(f"CandidateSet.{name} must be {what} array, got dtype {dtype}", name)
     if shape[-1] < 1:
         raise GameInputError(f"K (CandidateSet.valid.shape[-1]) must be >= 1, got {shape[-1]}")
     if shape[-2] < 1:
         raise GameInputError(f"N (CandidateSet.valid.shape[-2]) must be >= 1, got {shape[-2]}")
-    if not all(_is_concrete(v) for v in candidates):
+    if not values or not all(_is_concrete(v) for v in candidates):
         return
     valid = np.asarray(candidates.valid)
 
@@ -177,14 +199,12 @@ def validate_candidates(candidates: CandidateSet) -> None:
             f"CandidateSet.agent_utility must be >= 0, got "
             f"{np.asarray(candidates.agent_utility)[negative][0]} at {where(negative)}"
         )
-    empty = ~valid.any(axis=-1)
+    empty = ~valid.any(axis=(-2, -1))
     if empty.any():
-        idx = tuple(int(i) for i in np.argwhere(empty)[0])
-        loc = ", ".join(
-            [f"question {i}" for i in idx[:-1]] + [f"agent {idx[-1]}"]
-        )
+        idx = tuple(int(i) for i in np.argwhere(empty)[0]) if empty.ndim else ()
+        loc = ", ".join(f"question {i}" for i in idx) or "the game"
         raise GameInputError(
-            f"CandidateSet.valid: {loc} has no valid candidate (every agent needs >= 1)"
+            f"CandidateSet.valid: {loc} has no valid candidate in any agent (nothing to delegate)"
         )
 
 
@@ -205,6 +225,9 @@ class GameConfig:
         static and the remaining rounds are no-ops).  0 disables.
       record_trajectory: also return per-round regret, bound, Nash gap of the
         running average and policies (memory grows with T only then).
+      learner: the agents' online learner, a name registered in
+        :data:`align_jax.game.learner.LEARNERS` (``"hedge"``,
+        ``"regret_matching_plus"``, ...).
     """
 
     num_rounds: int = 20
@@ -212,6 +235,7 @@ class GameConfig:
     schedule: str = "constant"
     early_stop_tol: float = 0.0
     record_trajectory: bool = False
+    learner: str = "hedge"
 
     def __post_init__(self):
         if not isinstance(self.num_rounds, (int, np.integer)) or self.num_rounds < 1:
@@ -232,6 +256,10 @@ class GameConfig:
             raise GameInputError(
                 f"GameConfig.early_stop_tol must be >= 0, got {self.early_stop_tol!r}", "early_stop_tol"
             )
+        try:
+            LEARNERS.get(self.learner, field="learner")
+        except UnknownNameError as exc:
+            raise GameInputError(f"GameConfig.learner: {exc}", "learner") from None
 
 
 class GameParams(NamedTuple):
@@ -294,7 +322,8 @@ class Trajectory(NamedTuple):
 
     Attributes:
       regret: float32 ``[T, N]`` external regret after each round.
-      regret_bound: float32 ``[T, N]`` the Hedge bound after each round.
+      regret_bound: float32 ``[T, N]`` the learner's regret bound after each
+        round (``+inf`` for a learner without one).
       nash_gap: float32 ``[T]`` Nash gap of the running time-averaged profile.
       policy: float32 ``[T, N, K]`` the policy played in each round.
       active: bool ``[T]`` whether the round updated (early stopping).
@@ -316,22 +345,29 @@ class GameResult(NamedTuple):
       average_policy: float32 ``[N, K]`` time-averaged policy over played rounds.
       final_policy: float32 ``[N, K]`` the policy after the last update.
       submission: int32 ``[N]`` each agent's final submission
-        (argmax of its average policy).
-      chosen_agent: int32 ``[]`` whose submission the principal picked.
-      chosen_answer: int32 ``[]`` the answer id of the final answer.
+        (argmax of its average policy); ``-1`` for an agent with no valid
+        slot (it abstains; its policies are all zero).
+      chosen_agent: int32 ``[]`` whose submission the principal picked
+        (``-1`` if no agent has a valid slot: a game ``validate_candidates``
+        rejects, then with zero outcome).
+      chosen_answer: int32 ``[]`` the answer id of the final answer (``-1``
+        with no pick).
       align: :class:`Outcome` of ALIGN's final answer.
       baselines: :class:`Baselines`.
       rounds_played: int32 ``[]`` rounds that updated (``T`` without early stop).
-      regret: float32 ``[N]`` external regret ``max_k sum_t r_t(k) - sum_t <pi_t, r_t>``.
-      regret_bound: float32 ``[N]`` the schedule's Hedge bound for that regret.
+      regret: float32 ``[N]`` external regret ``max_k sum_t r_t(k) - sum_t <pi_t, r_t>``
+        (measured by the engine, whatever the learner; 0 for an abstaining agent).
+      regret_bound: float32 ``[N]`` the learner's bound for that regret (for
+        Hedge, the schedule's bound; ``+inf`` for a learner without one).
       deviation_gain: float32 ``[N]`` each agent's best unilateral gain
         against the average profile.
       nash_gap: float32 ``[]`` ``max_i deviation_gain_i`` (exploitability).
       pareto_compliance: float32 ``[]`` share of final submissions that are
         Pareto-optimal in (agent utility, principal score) among the agent's
-        own slots.
+        own slots (over the agents that have a valid slot).
       pareto_mass: float32 ``[]`` mean policy mass on Pareto-optimal slots
-        over the played rounds (the expected share of per-round submissions).
+        over the played rounds (the expected share of per-round submissions;
+        over the agents that have a valid slot).
       trajectory: :class:`Trajectory` or ``None``.
     """
 

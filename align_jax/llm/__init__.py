@@ -1,5 +1,6 @@
-"""The Flax side: decoder, offline weights, tokenizer, batched sampler, scoring."""
+"""The Flax side: decoder, offline weights, tokenizer, batched sampler, one-step decoding, scoring."""
 
+from align_jax.llm.decoding import DecodeState, copy, gather, prefill, step
 from align_jax.llm.logits import ban_tokens, compose_processors, sample_tokens
 from align_jax.llm.model import KVCache, ModelConfig, Transformer, forward, init_cache
 from align_jax.llm.quant import QUANTIZED_GGUF_TYPES, QuantizedTensor, quantized_matmul, unpack_gguf
@@ -38,6 +39,11 @@ __all__ = [
     "Sampler",
     "SamplerStepState",
     "enable_compilation_cache",
+    "DecodeState",
+    "prefill",
+    "step",
+    "gather",
+    "copy",
     "ScoreOutput",
     "score_continuations",
     "ChatTokenizer",

@@ -32,16 +32,17 @@ Log-probabilities returned per generated token:
 * ``sampling_logprobs``: the log-probability under the distribution actually sampled
   from (after the processor, temperature, top-k, top-p; 0 for greedy rows).
 
+Modules: :mod:`align_jax.llm.decoding` holds the compiled prefill and the one-step API
+(:func:`prefill` / :func:`step` / :func:`gather` / :func:`copy` on a :class:`DecodeState`),
+:mod:`align_jax.llm.decode_loop` the while-loop decode; this module is the host side
+(validation, padding, stop strings, the :class:`Sampler`) and re-exports their names.
+
 Shapes: B prompts, K samples per prompt, R = B * K rows, P prompt bucket, T =
-``max_new_tokens``, S = P + T cache slots, V vocabulary, D hidden size.
+``max_new_tokens``, S = P + T cache slots, V vocabulary, D hidden size, L tokens per step.
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
-import functools
-import os
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -50,7 +51,29 @@ import numpy as np
 from flax import nnx
 
 from align_jax.llm import model as model_lib
-from align_jax.llm.logits import DEFAULT_NUM_CANDIDATES, sample_tokens
+from align_jax.llm.decode_loop import (
+    FINISH_NAMES,
+    FINISH_STOP,
+    DecodeResult,
+    DecodeSpec,
+    SamplerStepState,
+    decode,
+    decode_donating,
+)
+from align_jax.llm.decoding import (
+    TRACE_COUNTS,
+    DecodeState,
+    copy,
+    enable_compilation_cache,
+    gather,
+    hidden_states,
+    lm_head,
+    prefill,
+    prefill_cache,
+    prompt_bucket,
+    step,
+)
+from align_jax.llm.logits import DEFAULT_NUM_CANDIDATES
 
 __all__ = [
     "Sampler",
@@ -59,132 +82,17 @@ __all__ = [
     "PreparedBatch",
     "SamplerStepState",
     "DecodeSpec",
+    "DecodeState",
+    "prefill",
+    "step",
+    "gather",
+    "copy",
     "enable_compilation_cache",
     "prompt_bucket",
     "hidden_states",
     "lm_head",
     "TRACE_COUNTS",
 ]
-
-# Number of times each compiled function has been traced (for retrace tests).
-TRACE_COUNTS: collections.Counter = collections.Counter()
-
-FINISH_LENGTH, FINISH_EOS, FINISH_STOP = 0, 1, 2
-_FINISH_NAMES = {FINISH_LENGTH: "length", FINISH_EOS: "eos", FINISH_STOP: "stop"}
-
-
-def enable_compilation_cache(path: str | None = None, *, min_compile_time_secs: float = 1.0) -> str:
-    """Turn on JAX's persistent compilation cache and return its directory.
-
-    The directory is ``path``, else ``$ALIGN_JAX_CACHE``, else
-    ``~/.cache/align_jax/jax_cache``. Programs that took at least
-    ``min_compile_time_secs`` to compile are stored, so a second run of a script
-    loads the sampler's compiled prefill/decode from disk instead of recompiling.
-    """
-    path = path or os.environ.get("ALIGN_JAX_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "align_jax", "jax_cache"
-    )
-    os.makedirs(path, exist_ok=True)
-    jax.config.update("jax_compilation_cache_dir", path)
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", float(min_compile_time_secs))
-    return path
-
-
-def prompt_bucket(length: int, minimum: int = 16, steps: int = 4) -> int:
-    """Padded length for a prompt (or scored sequence) of ``length`` tokens.
-
-    With ``p`` the smallest power of two ``>= max(length, minimum)``, the buckets between
-    ``p / 2`` and ``p`` are ``steps`` equal steps apart: ``steps=1`` gives powers of two,
-    ``steps=2`` adds the midpoints (..., 96, 128, 192, 256), the default ``steps=4`` the
-    quarters (..., 128, 160, 192, 224, 256, 320, ...). A padded prompt is then at most
-    ``1 / (steps + 1)`` padding (above the minimum) at the cost of ``steps`` compiled
-    programs per doubling of the length; the persistent compilation cache keeps each one.
-    A batch of GSM8K chat prompts of up to ~140 tokens pads to 160 (steps 4), 192 (steps 2)
-    or 256 (steps 1), and every padded position costs as much as a real one in the prefill.
-    """
-    if steps < 1 or steps & (steps - 1):
-        raise ValueError(f"prompt_bucket: steps={steps!r}; expected a power of two >= 1")
-    length = max(int(length), int(minimum), 1)
-    power = 1 << (length - 1).bit_length()
-    quantum = max(power // (2 * steps), 1)
-    return max(min(-(-length // quantum) * quantum, power), int(minimum))
-
-
-class SamplerStepState(NamedTuple):
-    """What a logits processor sees at one decoding step (all leaves traced).
-
-    Attributes:
-      step: int32 scalar t, index of the token being chosen (0 = first new token).
-      tokens: int32 ``[R, T]`` tokens generated so far; entries ``>= t`` are padding.
-      positions: int32 ``[R]`` RoPE position of the token being chosen
-        (the row's prompt length + t).
-      done: bool ``[R]`` rows that have already finished (their choice is discarded).
-      user: the caller's pytree (``processor_state``), threaded through the loop and
-        updated by ``processor_update`` if given.
-    """
-
-    step: jax.Array
-    tokens: jax.Array
-    positions: jax.Array
-    done: jax.Array
-    user: Any
-
-
-@dataclasses.dataclass(frozen=True)
-class DecodeSpec:
-    """Static (hashable) part of a decode call; one compiled program per distinct value.
-
-    Attributes:
-      max_new_tokens: T, size of the token buffer.
-      top_k: static top-k (None = off).
-      num_candidates: candidate-set size C for top-p when ``top_k`` is None.
-      full_vocab: whether some row samples from the full vocabulary (top_p == 1, no top_k).
-      all_greedy: every row has temperature 0 (token choice is a plain ``argmax``).
-      eos_token_ids: ids that finish a row (empty with ``ignore_eos``).
-      stop_token_sequences: token-id sequences that finish a row when generated.
-      pad_token_id: id written after a row finished.
-      logits_processor: ``(logits f32[R, V], SamplerStepState) -> logits`` or None.
-        Compared by identity: reuse the same function object to avoid recompiles.
-      processor_update: ``(user, tokens int32[R], SamplerStepState) -> user`` or None,
-        run after each step to advance the processor's own state.
-    """
-
-    max_new_tokens: int
-    top_k: int | None = None
-    num_candidates: int = DEFAULT_NUM_CANDIDATES
-    full_vocab: bool = True
-    all_greedy: bool = False
-    eos_token_ids: tuple[int, ...] = ()
-    stop_token_sequences: tuple[tuple[int, ...], ...] = ()
-    pad_token_id: int = 0
-    logits_processor: Callable | None = None
-    processor_update: Callable | None = None
-
-
-class DecodeResult(NamedTuple):
-    """Device-side output of :meth:`Sampler.decode` (R rows, T = max_new_tokens).
-
-    Attributes:
-      tokens: int32 ``[R, T]``, ``pad_token_id`` after each row's length.
-      lengths: int32 ``[R]`` generated tokens per row, including the EOS / stop token.
-      logprobs: float32 ``[R, T]`` raw model log-probs of the tokens (0 after length).
-      sampling_logprobs: float32 ``[R, T]`` log-probs under the sampling distribution.
-      finish_code: int32 ``[R]``: 0 length, 1 EOS, 2 on-device stop sequence.
-      num_steps: int32 scalar, decoding steps run (< T when all rows stopped early).
-      processor_state: the final user pytree.
-      cache: the KV cache after decoding (it aliases the donated input buffer, so
-        the loop updates it in place; slots ``[P, P + num_steps - 1)`` hold the
-        generated tokens' keys/values).
-    """
-
-    tokens: jax.Array
-    lengths: jax.Array
-    logprobs: jax.Array
-    sampling_logprobs: jax.Array
-    finish_code: jax.Array
-    num_steps: jax.Array
-    processor_state: Any
-    cache: Any
 
 
 class PreparedBatch(NamedTuple):
@@ -236,153 +144,6 @@ class SampleOutput(NamedTuple):
     generated_tokens: int
     num_steps: int
     processor_state: Any = None
-
-
-# ---------------------------------------------------------------------------
-# Decoder pieces that keep memory at one position of logits.
-# ---------------------------------------------------------------------------
-
-
-def hidden_states(model, tokens, positions, cache=None, cache_index=0, kv_mask=None):
-    """The decoder's final-norm hidden states ``[B, L, D]`` (no LM head) and the cache.
-
-    :meth:`Transformer.hidden_states`: prefill and scoring apply the LM head to only
-    the positions they need instead of materialising ``[B, L, V]`` float32 logits
-    (5 GB for B=32, L=256 on a 152k vocabulary).
-    """
-    return model.hidden_states(tokens, positions, cache, cache_index, kv_mask)
-
-
-def lm_head(model, h):
-    """Float32 logits ``[..., V]`` for hidden states ``h [..., D]`` (:meth:`Transformer.logits`)."""
-    return model.logits(h)
-
-
-def _left_pad_mask(prompt_lengths, bucket: int, num_slots: int):
-    """bool ``[rows, S]``: slot j holds a real token of the row iff ``j >= bucket - len``."""
-    slots = jnp.arange(num_slots, dtype=jnp.int32)
-    return slots[None, :] >= (bucket - prompt_lengths)[:, None]
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new_tokens"))
-def _prefill(graphdef, state, tokens, prompt_lengths, *, num_samples: int, max_new_tokens: int):
-    """Prompts ``[B, P]`` -> (KVCache for R = B*K rows and S = P + T slots, last logits f32 ``[R, V]``)."""
-    TRACE_COUNTS["prefill"] += 1
-    model = nnx.merge(graphdef, state)
-    batch, bucket = tokens.shape
-    num_slots = bucket + max_new_tokens
-    positions = jnp.maximum(jnp.arange(bucket, dtype=jnp.int32)[None, :] - (bucket - prompt_lengths)[:, None], 0)
-    kv_mask = _left_pad_mask(prompt_lengths, bucket, num_slots)
-    cache = model_lib.init_cache(model.config, batch, num_slots)
-    h, cache = hidden_states(model, tokens, positions, cache, 0, kv_mask)
-    last_logits = lm_head(model, h[:, -1])
-    if num_samples > 1:
-        cache = jax.tree.map(lambda x: jnp.repeat(x, num_samples, axis=0), cache)
-        last_logits = jnp.repeat(last_logits, num_samples, axis=0)
-    return cache, last_logits
-
-
-class _Carry(NamedTuple):
-    step: jax.Array
-    cache: Any
-    last_tokens: jax.Array
-    tokens: jax.Array
-    logprobs: jax.Array
-    sampling_logprobs: jax.Array
-    lengths: jax.Array
-    done: jax.Array
-    finish_code: jax.Array
-    user: Any
-
-
-@functools.partial(
-    jax.jit, static_argnames=("graphdef", "spec", "num_samples"), donate_argnames=("cache",)
-)
-def _decode(graphdef, state, cache, first_logits, prompt_lengths, key, temperature, top_p,
-            processor_state, *, spec: DecodeSpec, num_samples: int):
-    """Fill the ``[R, T]`` buffer from the prefilled cache (see module docstring)."""
-    TRACE_COUNTS["decode"] += 1
-    model = nnx.merge(graphdef, state)
-    rows = first_logits.shape[0]
-    bucket = cache.num_slots - spec.max_new_tokens
-    num_slots = cache.num_slots
-    kv_mask = _left_pad_mask(prompt_lengths, bucket, num_slots)
-    row_ids = jnp.arange(rows, dtype=jnp.int32)
-    row_keys = jax.vmap(
-        lambda r: jax.random.fold_in(jax.random.fold_in(key, r // num_samples), r % num_samples)
-    )(row_ids)
-    eos = jnp.asarray(spec.eos_token_ids, jnp.int32) if spec.eos_token_ids else None
-
-    def choose(carry: _Carry, logits: jax.Array) -> _Carry:
-        t = carry.step
-        step_state = SamplerStepState(t, carry.tokens, prompt_lengths + t, carry.done, carry.user)
-        raw_norm = jax.nn.logsumexp(logits, axis=-1)
-        processed = logits if spec.logits_processor is None else spec.logits_processor(logits, step_state)
-        keys = jax.vmap(lambda k: jax.random.fold_in(k, t))(row_keys)
-        sampled = sample_tokens(
-            keys, processed, temperature, top_p, top_k=spec.top_k,
-            num_candidates=spec.num_candidates, full_vocab=spec.full_vocab,
-            all_greedy=spec.all_greedy,
-        )
-        active = ~carry.done
-        token = jnp.where(active, sampled.tokens, spec.pad_token_id)
-        raw_lp = jnp.take_along_axis(logits, sampled.tokens[:, None], axis=-1)[:, 0] - raw_norm
-        tokens = jax.lax.dynamic_update_slice(carry.tokens, token[:, None], (0, t))
-        logprobs = jax.lax.dynamic_update_slice(
-            carry.logprobs, jnp.where(active, raw_lp, 0.0)[:, None], (0, t))
-        sampling_logprobs = jax.lax.dynamic_update_slice(
-            carry.sampling_logprobs, jnp.where(active, sampled.sampling_logprobs, 0.0)[:, None], (0, t))
-        finish = carry.finish_code
-        ended = jnp.zeros_like(active)
-        if eos is not None:
-            hit = active & jnp.any(token[:, None] == eos[None, :], axis=-1)
-            finish = jnp.where(hit, FINISH_EOS, finish)
-            ended = ended | hit
-        for seq in spec.stop_token_sequences:
-            n = len(seq)
-            window = jax.lax.dynamic_slice(tokens, (0, jnp.maximum(t + 1 - n, 0)), (rows, n))
-            hit = active & (t + 1 >= n) & jnp.all(window == jnp.asarray(seq, jnp.int32)[None], axis=-1)
-            finish = jnp.where(hit & ~ended, FINISH_STOP, finish)
-            ended = ended | hit
-        user = carry.user
-        if spec.processor_update is not None:
-            user = spec.processor_update(user, token, step_state)
-        return carry._replace(
-            step=t + 1, last_tokens=token, tokens=tokens, logprobs=logprobs,
-            sampling_logprobs=sampling_logprobs, lengths=carry.lengths + active.astype(jnp.int32),
-            done=carry.done | ended, finish_code=finish, user=user,
-        )
-
-    t_max = spec.max_new_tokens
-    carry = _Carry(
-        step=jnp.zeros((), jnp.int32),
-        cache=cache,
-        last_tokens=jnp.zeros((rows,), jnp.int32),
-        tokens=jnp.full((rows, t_max), spec.pad_token_id, jnp.int32),
-        logprobs=jnp.zeros((rows, t_max), jnp.float32),
-        sampling_logprobs=jnp.zeros((rows, t_max), jnp.float32),
-        lengths=jnp.zeros((rows,), jnp.int32),
-        done=jnp.zeros((rows,), bool),
-        finish_code=jnp.zeros((rows,), jnp.int32),
-        user=processor_state,
-    )
-    carry = choose(carry, first_logits)
-
-    def cond(c: _Carry):
-        return (c.step < t_max) & ~jnp.all(c.done)
-
-    def body(c: _Carry) -> _Carry:
-        prev = c.step - 1
-        positions = (prompt_lengths + prev)[:, None]
-        logits, new_cache = model(c.last_tokens[:, None], positions, c.cache, bucket + prev, kv_mask)
-        return choose(c._replace(cache=new_cache), logits[:, 0])
-
-    carry = jax.lax.while_loop(cond, body, carry)
-    return DecodeResult(
-        tokens=carry.tokens, lengths=carry.lengths, logprobs=carry.logprobs,
-        sampling_logprobs=carry.sampling_logprobs, finish_code=carry.finish_code,
-        num_steps=carry.step, processor_state=carry.user, cache=carry.cache,
-    )
 
 
 # ---------------------------------------------------------------------------
@@ -522,22 +283,44 @@ class Sampler:
 
     def prefill(self, batch: PreparedBatch):
         """Run the prompts once; returns ``(KVCache per layer [R, Hkv, S, hd], logits f32 [R, V])``."""
-        return _prefill(
+        return prefill_cache(
             self.graphdef, self.state, jnp.asarray(batch.tokens), jnp.asarray(batch.prompt_lengths),
             num_samples=batch.num_samples, max_new_tokens=batch.max_new_tokens,
         )
 
     def decode(self, batch: PreparedBatch, cache, first_logits, key, *, spec: DecodeSpec,
-               processor_state: Any = None) -> DecodeResult:
-        """Decode from a prefilled cache (the cache is donated: do not reuse it)."""
+               processor_state: Any = None, processor_params: Any = None,
+               donate_processor_state: bool = False) -> DecodeResult:
+        """Decode from a prefilled cache (the cache is donated: do not reuse it; with
+        ``donate_processor_state`` the processor state is donated too)."""
         if spec.max_new_tokens != batch.max_new_tokens:
             raise ValueError(f"spec.max_new_tokens={spec.max_new_tokens} != batch.max_new_tokens={batch.max_new_tokens}")
         row_lengths = np.repeat(batch.prompt_lengths, batch.num_samples)
-        return _decode(
+        run = decode_donating if donate_processor_state else decode
+        return run(
             self.graphdef, self.state, cache, first_logits, jnp.asarray(row_lengths),
             _check_key(key), jnp.asarray(batch.temperature), jnp.asarray(batch.top_p), processor_state,
-            spec=spec, num_samples=batch.num_samples,
+            processor_params, spec=spec, num_samples=batch.num_samples,
         )
+
+    # -- the one-step API with this sampler's weights ---------------------------
+
+    def start(self, batch: PreparedBatch) -> tuple[jax.Array, DecodeState]:
+        """:func:`prefill` of a prepared batch: ``(logits f32 [R, V], DecodeState)`` with
+        ``batch.max_new_tokens`` free slots per row."""
+        return prefill(self.graphdef, self.state, jnp.asarray(batch.tokens), jnp.asarray(batch.prompt_lengths),
+                       num_samples=batch.num_samples, max_new_tokens=batch.max_new_tokens)
+
+    def step(self, state: DecodeState, tokens, num_tokens=None) -> tuple[jax.Array, DecodeState]:
+        """:func:`step` with this sampler's weights (``state`` is donated)."""
+        tokens = jnp.asarray(tokens, jnp.int32)
+        if tokens.ndim not in (1, 2) or tokens.shape[0] != state.num_rows:
+            raise ValueError(f"tokens must be [R] or [R, L] with R={state.num_rows}, got shape {tokens.shape}")
+        if num_tokens is not None:
+            num_tokens = jnp.asarray(num_tokens, jnp.int32)
+            if num_tokens.shape != (state.num_rows,):
+                raise ValueError(f"num_tokens must be [R]=({state.num_rows},), got shape {num_tokens.shape}")
+        return step(self.graphdef, self.state, state, tokens, num_tokens)
 
     def make_spec(self, batch: PreparedBatch, *, top_k: int | None = None,
                   num_candidates: int = DEFAULT_NUM_CANDIDATES, eos_token_ids: Sequence[int] | None = None,
@@ -589,8 +372,9 @@ class Sampler:
                  stop_token_sequences: Sequence[Sequence[int]] = (),
                  eos_token_ids: Sequence[int] | None = None, ignore_eos: bool = False,
                  logits_processor: Callable | None = None, processor_update: Callable | None = None,
-                 processor_state: Any = None, add_special_tokens: bool = False,
-                 return_processor_state: bool = True) -> SampleOutput:
+                 processor_state: Any = None, processor_params: Any = None,
+                 donate_processor_state: bool = False, add_special_tokens: bool = False,
+                 return_processor_state: bool | Callable = True) -> SampleOutput:
         """Sample ``num_samples`` completions for each prompt.
 
         Args:
@@ -606,12 +390,19 @@ class Sampler:
           stop_token_sequences: extra id sequences that end a row on device.
           eos_token_ids: defaults to the tokenizer's ``eos_token_ids``.
           ignore_eos: generate exactly ``max_new_tokens`` unless a stop sequence hits.
-          logits_processor: ``(logits f32[R, V], SamplerStepState) -> logits`` applied
-            each step inside the jit (e.g. CAGE steering, token bans).
+          logits_processor: ``(logits f32[R, V], SamplerStepState) -> logits`` (or
+            ``-> (logits, user)`` to update its state) applied each step inside the jit
+            (e.g. CAGE steering, token bans).
           processor_update: ``(user, tokens int32[R], SamplerStepState) -> user``.
           processor_state: initial user pytree (array leaves), seen as ``state.user``.
+          processor_params: constant pytree (array leaves, e.g. a guide model's weights),
+            seen as ``state.params``; a jit argument, never donated.
+          donate_processor_state: donate ``processor_state`` to the decode (a large state,
+            such as a guide model's KV cache, is then updated in place rather than
+            copied); the arrays passed in are deleted, so do not reuse them.
           return_processor_state: copy the final user pytree to the host into the output;
-            pass False when it is large and not needed (a guide model's KV cache is GBs).
+            False when it is large and not needed (a guide model's KV cache is GBs), or a
+            function ``user -> pytree`` selecting the part to copy.
 
         Returns:
           :class:`SampleOutput`.
@@ -623,8 +414,11 @@ class Sampler:
                               logits_processor=logits_processor, processor_update=processor_update)
         key = _check_key(key)
         cache, first_logits = self.prefill(batch)
-        result = self.decode(batch, cache, first_logits, key, spec=spec, processor_state=processor_state)
-        if not return_processor_state:
+        result = self.decode(batch, cache, first_logits, key, spec=spec, processor_state=processor_state,
+                             processor_params=processor_params, donate_processor_state=donate_processor_state)
+        if callable(return_processor_state):
+            result = result._replace(processor_state=return_processor_state(result.processor_state))
+        elif not return_processor_state:
             result = result._replace(processor_state=None)
         return self._finish(batch, spec, result, tuple([stop] if isinstance(stop, str) else stop))
 
@@ -677,7 +471,7 @@ class Sampler:
                 sampling_lp[r, lo:] = 0.0
             texts.append(text)
         b, k, t = batch.tokens.shape[0], batch.num_samples, batch.max_new_tokens
-        reasons = [_FINISH_NAMES[int(c)] for c in finish]
+        reasons = [FINISH_NAMES[int(c)] for c in finish]
         return SampleOutput(
             tokens=tokens.reshape(b, k, t),
             lengths=lengths.reshape(b, k),

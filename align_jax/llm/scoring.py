@@ -29,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from align_jax.llm.sampler import TRACE_COUNTS, hidden_states, lm_head, prompt_bucket
+from align_jax.llm.decoding import TRACE_COUNTS, hidden_states, lm_head, prompt_bucket
 
 __all__ = ["ScoreOutput", "score_continuations", "token_logprobs"]
 

@@ -1,6 +1,6 @@
 """ALIGN end to end on real candidates: ``CandidateSet [Q, N, K]`` -> the delegation game.
 
-:func:`play_window` runs the engine's :func:`align_jax.game.play` once on a window of
+:func:`play_window` runs the engine's :func:`align_jax.game.play_batch` once on a window of
 Q questions (one jit-compiled program per ``(GameConfig, Q, N, K)``), pulls the result
 to the host in one transfer, and returns per question the final answer and the game's
 diagnostics:
@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 import jax
 import numpy as np
 
-from align_jax.game.delegation import play
+from align_jax.game.delegation import play_batch
 from align_jax.game.types import CandidateSet, GameConfig, GameParams
 from align_jax.methods.candidates import QuestionCandidates
 
@@ -43,7 +43,11 @@ def play_window(config: GameConfig, params: GameParams, candidates: CandidateSet
       candidates: ``CandidateSet`` with leaves ``[Q, N, K]``.
       questions: the Q :class:`QuestionCandidates` the set was built from (for the
         answer text of the pick).
-      key: PRNG key (consumed only in ``mode="sampled"``).
+      key: PRNG key; question ``q`` plays with ``fold_in(key, q)`` (consumed only in
+        ``mode="sampled"``).
+
+    Raises:
+      ValueError: ``candidates`` and ``questions`` disagree (a padded slot was chosen).
 
     Returns:
       One dict per question (JSON-serialisable) with keys ``chosen_agent``,
@@ -52,14 +56,21 @@ def play_window(config: GameConfig, params: GameParams, candidates: CandidateSet
       ``pareto_mass``, ``submission``, ``average_policy`` and ``baselines``
       (``{name: expected correctness}`` for :data:`ENGINE_BASELINES`).
     """
-    result = jax.device_get(play(config, candidates, key, params))
+    # question q's key is fold_in(key, q): it does not depend on how many questions the window holds
+    keys = jax.vmap(lambda q: jax.random.fold_in(key, q))(np.arange(candidates.valid.shape[0]))
+    result = jax.device_get(play_batch(config, candidates, keys, params))
     rows = []
     for q, question in enumerate(questions):
         agent = int(result.chosen_agent[q])
         slot = int(result.submission[q, agent])
         answer_id = int(result.chosen_answer[q])
-        chosen_slot = question.agents[agent].slots[slot] if slot < len(question.agents[agent].slots) else None
-        answer: Optional[str] = chosen_slot.answer if chosen_slot is not None else None
+        if agent < 0:
+            raise ValueError(f"question {q}: no agent has a valid slot, so the game made no pick")
+        slots = question.agents[agent].slots
+        if not 0 <= slot < len(slots):
+            raise ValueError(f"question {q}: the game chose agent {agent}'s slot {slot}, but that agent has only "
+                             f"{len(slots)} slot(s) (a padded slot): the CandidateSet does not match the questions")
+        answer: Optional[str] = slots[slot].answer
         baselines = result.baselines
         rows.append({
             "chosen_agent": agent,

@@ -485,9 +485,11 @@ def sample_agents(
         groups.setdefault((agent.model, int(k), int(agent.max_new_tokens), tuple(agent.stop), style), []).append(i)
     for group_index, ((model, k, max_new, stop, _), members) in enumerate(groups.items()):
         convs, temps, top_ps, owners = [], [], [], []
-        for i in members:
-            agent = agents[i]
-            for q, question in enumerate(questions):
+        # question-major rows: row b = q * len(members) + m, so a row's sampling key
+        # (``fold_in(key, b)`` in the sampler) does not depend on the window's length
+        for q, question in enumerate(questions):
+            for i in members:
+                agent = agents[i]
                 convs.append(conversations[q][i] if conversations is not None else agent_conversation(question, agent))
                 temps.append(agent.temperature if temperature_override is None else temperature_override)
                 top_ps.append(agent.top_p)

@@ -3,104 +3,107 @@
 One run = one :class:`ReasonConfig` (a YAML file in ``configs/``). The questions are
 cut into fixed *windows* of ``batch_questions`` consecutive questions (window w holds
 questions ``[w B, (w + 1) B)`` of the configured list); each window is processed as a
-batch:
+batch (:func:`process_window`):
 
-1. candidates: every agent's K samples of every question (:func:`candidates.sample_agents`,
-   one prefill per prompt shared by its K samples, batched across the window);
-2. self-consistency slots and canonical answer ids (:func:`candidates.build_question_candidates`);
-3. the principal's scores (:mod:`align_jax.methods.principals`);
-4. ALIGN: ``CandidateSet [Q, N, K]`` -> :func:`align_jax.game.play` (:func:`align.play_window`);
-5. baselines on the same questions: best-of-N by the principal, self-consistency per
-   agent and pooled, the engine's fair single agent / random / uniform+principal,
-   pass@k, greedy CoT per agent (temperature 0, one sample) and multi-agent debate.
+1. candidates: the configured generator (``candidates: {type: sampled}``, a
+   :mod:`~align_jax.methods.generators` plug-in): every agent's K samples of every
+   question with self-consistency slots and canonical answer ids;
+2. the principal's scores (``principal: {type: ...}``, a
+   :mod:`~align_jax.methods.principals` plug-in);
+3. ALIGN: ``CandidateSet [Q, N, K]`` -> the game engine (:func:`align.play_window`);
+4. the configured methods (``methods: [...]``, :mod:`~align_jax.methods.reason_methods`
+   plug-ins): ALIGN's pick, best-of-N by the principal, self-consistency per agent and
+   pooled, the engine's fair single agent / random / uniform+principal, pass@k, greedy
+   CoT per agent (temperature 0) and multi-agent debate.
 
-Every question's row (all candidate texts and answers, utilities, principal scores,
-each method's pick, correctness and cost, the game's diagnostics, wall time) is
-appended atomically to ``<output_dir>/<name>/seed<seed>/results.jsonl``. A rerun skips
-questions already in the file. A window with some questions missing is recomputed in
-full (its keys and shapes depend only on the window), and only the missing rows are
-written, so an interrupted and resumed run writes the same rows as an uninterrupted
-one. Rows carry a hash of the settings that determine them; a rerun with different
+Every question's row (a :class:`~align_jax.methods.rows.ReasonRow`: all candidate texts
+and answers, utilities, principal scores, each method's pick, correctness and cost,
+the game's diagnostics, wall time) is appended atomically to
+``<output_dir>/<name>/seed<seed>/results.jsonl`` through the shared runner
+(:mod:`align_jax.runner`). A rerun skips questions already in the file. A window with
+some questions missing is recomputed in full and only the missing rows are written,
+so an interrupted and resumed run writes the same rows as an uninterrupted one. Rows
+carry a hash of the settings that determine them (fields at their default are left
+out, so a new defaulted config field keeps old runs resumable); a rerun with different
 settings under the same name is refused. At the end the run directory gets
-``summary.md`` / ``summary.json`` (accuracy per method with paired 95% bootstrap
-intervals over questions, tokens and model calls per question) and ``accuracy.png``.
+``summary.md`` / ``summary.json`` (:mod:`~align_jax.methods.reason_report`: accuracy per
+method with paired 95% bootstrap intervals over questions, tokens and model calls per
+question) and ``accuracy.png``.
 
-Keys: window w uses ``fold_in(key(seed), w)``, then ``fold_in(., stage)`` per stage.
+Keys: window w uses ``fold_in(key(seed), w)``, then ``fold_in(., stage)`` per stage;
+inside a stage, question q of the window gets ``fold_in(., q)``-derived keys, so a row
+does not depend on how many questions its window holds (``limit`` is not a setting).
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
-import json
-
-from align_jax.runio import append_jsonl, atomic_write, read_jsonl
-import os
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Optional, Sequence
+from typing import Callable, NamedTuple, Optional, Sequence
 
 import jax
 import numpy as np
 
-from align_jax.config import ConfigError, FieldError, config_to_dict, load_config
+from align_jax.config import FieldError, load_config
 from align_jax.data import datasets as datasets_lib
-from align_jax.data.answers import extract_answer, is_correct
-from align_jax.game.types import GameInputError, GameParams
-from align_jax.methods import baselines as baselines_lib
+from align_jax.data.answers import collect_math_verify_failures
+from align_jax.game.types import GameParams
 from align_jax.methods.align import play_window
-from align_jax.methods.candidates import (
-    PROMPT_STYLES,
-    AgentSpec,
-    Cost,
-    ModelPool,
-    build_question_candidates,
-    sample_agents,
-    slot_correctness,
-    stack_candidate_sets,
+from align_jax.methods.candidates import PROMPT_STYLES, AgentSpec, ModelPool, slot_correctness, stack_candidate_sets
+from align_jax.methods.generators import CandidateGenerator, CandidateSection, make_generator
+from align_jax.methods.principals import Principal, PrincipalBatch, PrincipalSection, make_principal, model_field_error
+from align_jax.methods.reason_methods import DEFAULT_METHODS, REASON_METHODS, Method, Window
+from align_jax.methods.reason_report import (
+    accuracy_figure,
+    bootstrap_interval,
+    method_names,
+    print_summary,
+    summarize,
+    summary_markdown,
 )
-from align_jax.methods.principals import PRINCIPAL_TYPES, score_questions
-from align_jax.simulate import GameSection
+from align_jax.methods.rows import (
+    AgentRecord,
+    CostRecord,
+    GameRecord,
+    PrincipalRecord,
+    ReasonRow,
+    SampleRecord,
+    SlotRecord,
+    read_rows,
+    row_to_dict,
+)
+from align_jax.runner import RunFiles, Unit, add_run_arguments, apply_overrides, run_units, settings_hash
+from align_jax.runner import run_dir as _run_dir
+from align_jax.sections import GameSection
 
 __all__ = [
     "AgentSection",
-    "PrincipalSection",
     "DebateSection",
     "ReasonConfig",
     "ReasonReport",
+    "SETTINGS_EXCLUDE",
     "load_reason_config",
     "run_dir",
+    "reason_settings_hash",
+    "enabled_methods",
+    "build_window",
+    "process_window",
     "run_reason",
+    "add_reason_subcommand",
+    # re-exported from reason_report
     "method_names",
     "summarize",
     "bootstrap_interval",
     "summary_markdown",
     "print_summary",
     "accuracy_figure",
-    "add_reason_subcommand",
 ]
 
 _DTYPES = ("float32", "bfloat16")
 logger = logging.getLogger(__name__)
-
-
-def _model_field_error(field: str, name: str) -> Optional[FieldError]:
-    from align_jax.llm import registry
-
-    if not isinstance(name, str) or not name.strip():
-        return FieldError(field, "must be a model name or path")
-    if registry.is_registered(name):
-        return None
-    path = Path(name).expanduser()
-    if (path.is_file() and path.suffix == ".gguf") or path.is_dir():
-        return None
-    return FieldError(
-        field,
-        f"unknown model {name!r}: expected one of {', '.join(sorted(registry.MODELS))}, "
-        "a .gguf file or a model / checkpoint directory",
-    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -148,38 +151,9 @@ class AgentSection:
             raise FieldError("num_fewshot", f"must be >= 0, got {self.num_fewshot}")
         if any(not s for s in self.stop):
             raise FieldError("stop", "stop strings must be non-empty")
-        error = _model_field_error("model", self.model)
+        error = model_field_error("model", self.model)
         if error is not None:
             raise error
-
-
-@dataclasses.dataclass(frozen=True)
-class PrincipalSection:
-    """The ``principal:`` section (see :mod:`align_jax.methods.principals`).
-
-    Attributes:
-      type: ``verifier``, ``ranker``, ``oracle`` or ``noisy_oracle``.
-      model: the judging LLM for ``verifier`` / ``ranker`` (default: the first agent's model).
-      flip_rate: flip probability of ``noisy_oracle``.
-      batch_size: rows per scoring call.
-    """
-
-    type: str = "verifier"
-    model: Optional[str] = None
-    flip_rate: float = 0.1
-    batch_size: int = 8
-
-    def __post_init__(self):
-        if self.type not in PRINCIPAL_TYPES:
-            raise FieldError("type", f"unknown principal type {self.type!r}; expected one of {', '.join(PRINCIPAL_TYPES)}")
-        if not 0.0 <= self.flip_rate <= 1.0:
-            raise FieldError("flip_rate", f"must be in [0, 1], got {self.flip_rate}")
-        if self.batch_size < 1:
-            raise FieldError("batch_size", f"must be >= 1, got {self.batch_size}")
-        if self.model is not None:
-            error = _model_field_error("model", self.model)
-            if error is not None:
-                raise error
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,9 +191,13 @@ class ReasonConfig:
       batch_questions: questions per window (the sampler batches across them).
       fewshot_seed: which GSM8K train exemplars few-shot agents see.
       agents: the N agents (at least one).
-      principal: :class:`PrincipalSection`.
+      candidates: the candidate generator (:class:`~align_jax.methods.generators.CandidateSection`,
+        ``type: sampled``).
+      principal: :class:`~align_jax.methods.principals.PrincipalSection`.
       game: the game settings (T = ``num_rounds``, ``step_size`` = eta, ...).
-      greedy: also run greedy CoT per agent.
+      methods: the reported methods, in table order (names of
+        :data:`~align_jax.methods.reason_methods.REASON_METHODS`; default all).
+      greedy: also run greedy CoT per agent (the ``greedy`` method).
       debate: :class:`DebateSection`.
       bootstrap_samples: resamples for the 95% intervals.
       dtype: activation / KV-cache dtype (``float32`` or ``bfloat16``).
@@ -242,8 +220,10 @@ class ReasonConfig:
     batch_questions: int = 4
     fewshot_seed: int = 0
     agents: list[AgentSection] = dataclasses.field(default_factory=list)
+    candidates: CandidateSection = dataclasses.field(default_factory=CandidateSection)
     principal: PrincipalSection = dataclasses.field(default_factory=PrincipalSection)
     game: GameSection = dataclasses.field(default_factory=GameSection)
+    methods: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_METHODS))
     greedy: bool = True
     debate: DebateSection = dataclasses.field(default_factory=DebateSection)
     bootstrap_samples: int = 2000
@@ -269,6 +249,12 @@ class ReasonConfig:
             raise FieldError("offset", f"must be >= 0, got {self.offset}")
         if self.limit is not None and self.limit < 1:
             raise FieldError("limit", f"must be >= 1 (or omitted for all questions), got {self.limit}")
+        if not self.methods:
+            raise FieldError("methods", "need at least one method")
+        for i, name in enumerate(self.methods):
+            REASON_METHODS.get(name, f"methods.{i}")
+            if self.methods.index(name) != i:
+                raise FieldError(f"methods.{i}", f"duplicate method {name!r}")
         if self.bootstrap_samples < 1:
             raise FieldError("bootstrap_samples", f"must be >= 1, got {self.bootstrap_samples}")
         if self.dtype not in _DTYPES:
@@ -317,56 +303,23 @@ def load_reason_config(path) -> ReasonConfig:
 
 def run_dir(config: ReasonConfig) -> Path:
     """``output_dir/name/seed<seed>``."""
-    return Path(config.output_dir) / config.name / f"seed{config.seed}"
+    return _run_dir(config.output_dir, config.name, config.seed)
 
 
-def _settings_hash(config: ReasonConfig) -> str:
-    """Hash of every setting that determines a question's row (not limit, output, bootstrap)."""
-    data = config_to_dict(config)
-    for key in ("limit", "output_dir", "bootstrap_samples", "name"):
-        data.pop(key, None)
-    if not data.get("quantized"):
-        data.pop("quantized", None)  # runs from before the option keep their hash
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+SETTINGS_EXCLUDE = ("limit", "output_dir", "bootstrap_samples", "name", "data_dir")
+"""Settings that do not change a question's row (where the data lives; the window partition starts at ``offset``
+and keys do not depend on how many questions a window holds)."""
 
 
-def method_names(config: ReasonConfig) -> list[str]:
-    """The methods a run reports, in table order."""
-    names = ["align", "best_of_n", "uniform_principal", "fair_single", "sc_pooled"]
-    names += [f"sc/{a}" for a in config.agent_names()]
-    if config.greedy:
-        names += [f"greedy/{a}" for a in config.agent_names()]
-    if config.debate.rounds > 0:
-        names.append("debate")
-    names += ["random", "pass@k"]
-    return names
+def reason_settings_hash(config: ReasonConfig) -> str:
+    """The settings hash stamped on every row (:func:`align_jax.runner.settings_hash`)."""
+    return settings_hash(config, exclude=SETTINGS_EXCLUDE)
 
 
-# --------------------------------------------------------------------------------------
-# JSONL
-# --------------------------------------------------------------------------------------
-
-
-def _read_rows(path: Path) -> dict[str, dict]:
-    """Finished rows by question id (a line cut by a crash is skipped: its question is redone)."""
-    rows: dict[str, dict] = {}
-    for line_number, row in read_jsonl(path):
-        if not isinstance(row, dict) or "question_id" not in row:
-            raise ConfigError(f"{path}:{line_number}: not a results row (no 'question_id')")
-        rows.setdefault(row["question_id"], row)
-    return rows
-
-
-def _append_line(path: Path, row: dict) -> None:
-    append_jsonl(path, [row])
-
-
-_atomic_write = atomic_write
-
-
-# --------------------------------------------------------------------------------------
-# One window
-# --------------------------------------------------------------------------------------
+def enabled_methods(config: ReasonConfig) -> list[Method]:
+    """The config's methods that its other switches leave on, in table order."""
+    methods = [REASON_METHODS.get(name, "methods") for name in config.methods]
+    return [m for m in methods if m.enabled(config)]
 
 
 def _agent_specs(config: ReasonConfig) -> list[AgentSpec]:
@@ -383,151 +336,120 @@ def _agent_specs(config: ReasonConfig) -> list[AgentSpec]:
     return specs
 
 
-def _cost_dict(cost: Cost) -> dict:
-    return {"calls": int(cost.calls), "gen_tokens": int(cost.gen_tokens), "prompt_tokens": int(cost.prompt_tokens)}
+def _cost_record(cost) -> CostRecord:
+    return CostRecord(int(cost.calls), int(cost.gen_tokens), int(cost.prompt_tokens))
 
 
-def _method(answer: Optional[str], correct: float, cost: Cost, **extra) -> dict:
-    return {"answer": answer, "correct": float(correct), "cost": _cost_dict(cost), **extra}
+class _StageTimer:
+    """Wall time per stage of a window (each lap is the time since the previous one)."""
+
+    def __init__(self, questions: int):
+        self.start = time.perf_counter()
+        self.questions = questions
+        self.stages: dict[str, float] = {}
+
+    def lap(self, stage: str) -> None:
+        self.stages[stage] = time.perf_counter() - self.start - sum(self.stages.values())
+        logger.info("window of %d questions: %s took %.1f s", self.questions, stage, self.stages[stage])
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
 
 
-def process_window(config: ReasonConfig, agents: Sequence[AgentSpec], pool: ModelPool,
-                   problems: Sequence[datasets_lib.Problem], key: jax.Array) -> list[dict]:
-    """Runs every method on one window of questions; returns one row per question."""
+def build_window(config: ReasonConfig, agents: Sequence[AgentSpec], pool: Optional[ModelPool],
+                 problems: Sequence[datasets_lib.Problem], key: jax.Array, *,
+                 generator: CandidateGenerator, principal: Principal,
+                 timer: Optional[_StageTimer] = None) -> tuple[Window, np.ndarray]:
+    """The shared stages of a window: candidates, principal scores and the ALIGN game.
+
+    Returns:
+      The :class:`~align_jax.methods.reason_methods.Window` every method reads, and
+      ``corr(agent utility, principal score)`` per question, float ``[Q]``.
+    """
     from align_jax.game.scenarios import utility_correlation
 
-    start = time.perf_counter()
+    timer = timer or _StageTimer(len(problems))
     texts_q = [p.question for p in problems]
-    names = [a.name for a in agents]
     num_slots = max(a.num_samples for a in agents)
-
-    stages: dict[str, float] = {}
-
-    def lap(stage: str) -> None:
-        stages[stage] = time.perf_counter() - start - sum(stages.values())
-        logger.info("window of %d questions: %s took %.1f s", len(problems), stage, stages[stage])
-
-    texts, tokens, sample_costs = sample_agents(pool, agents, texts_q, jax.random.fold_in(key, 0))
-    lap("sampling")
-    questions = [build_question_candidates(texts[q], tokens[q]) for q in range(len(problems))]
-    correct_maps = [slot_correctness(question, p.gold) for question, p in zip(questions, problems)]
-
-    scores = score_questions(
-        config.principal.type, pool=pool, model=config.principal_model(), question_texts=texts_q,
-        question_ids=[p.id for p in problems], questions=questions, correct_by_id=correct_maps,
-        num_slots=num_slots, flip_rate=config.principal.flip_rate, seed=config.seed,
-        batch_size=config.principal.batch_size,
-    )
-    lap("principal")
+    generated = generator.generate(pool, agents, texts_q, jax.random.fold_in(key, 0))
+    timer.lap("sampling")
+    questions = generated.questions
+    correct_maps, check_failures = [], []
+    for question, problem in zip(questions, problems):
+        with collect_math_verify_failures() as failures:  # undecided verdicts count as wrong; keep the count
+            correct_maps.append(slot_correctness(question, problem.gold))
+        check_failures.append(len(failures))
+    scores = principal.score(PrincipalBatch(texts_q, [p.id for p in problems], questions, correct_maps, num_slots))
+    timer.lap("principal")
     candidates = stack_candidate_sets(questions, [s.score for s in scores], correct_maps, num_slots)
-    game_config = config.game.game_config(record_trajectory=False)
-    align_rows = play_window(game_config, GameParams.create(config.game.step_size), candidates, questions,
-                             jax.random.fold_in(key, 1))
+    game_rows = play_window(config.game.game_config(record_trajectory=False), GameParams.create(config.game.step_size),
+                            candidates, questions, jax.random.fold_in(key, 1))
     correlation = np.asarray(jax.vmap(utility_correlation)(candidates))
-    host = jax.device_get(candidates)
-    lap("align")
+    timer.lap("align")
+    window = Window(config, agents, pool, problems, key, questions, generated.costs, correct_maps,
+                    [s.cost for s in scores], jax.device_get(candidates), game_rows, check_failures)
+    return window, correlation
 
-    greedy = None
-    if config.greedy:
-        greedy = sample_agents(pool, agents, texts_q, jax.random.fold_in(key, 2), num_samples=1,
-                               temperature_override=0.0)
-        lap("greedy")
-    debates = None
-    if config.debate.rounds > 0:
-        debates = baselines_lib.debate(
-            pool, agents, texts_q, [[texts[q][i][0] for i in range(len(agents))] for q in range(len(problems))],
-            jax.random.fold_in(key, 3), num_rounds=config.debate.rounds, max_chars=config.debate.max_chars,
-            golds=[p.gold for p in problems],
-        )
-        lap("debate")
-    wall = time.perf_counter() - start
+
+def process_window(config: ReasonConfig, agents: Sequence[AgentSpec], pool: Optional[ModelPool],
+                   problems: Sequence[datasets_lib.Problem], key: jax.Array, *,
+                   generator: Optional[CandidateGenerator] = None,
+                   principal: Optional[Principal] = None) -> list[dict]:
+    """Runs the shared stages and every enabled method on one window; one row dict per question.
+
+    Stages (wall time of each recorded per question in ``stage_wall_s``): ``sampling``
+    (the candidate generator, key ``fold_in(key, 0)``), ``principal``, ``align`` (the
+    game, key ``fold_in(key, 1)``), then each method that calls models (``greedy``,
+    ``debate``); the other methods are host-side selection rules over the window.
+    """
+    generator = generator or make_generator(config.candidates)
+    principal = principal or make_principal(config.principal, pool=pool, default_model=config.principal_model(),
+                                            seed=config.seed)
+    timer = _StageTimer(len(problems))
+    window, correlation = build_window(config, agents, pool, problems, key, generator=generator,
+                                       principal=principal, timer=timer)
+    questions, host, game_rows = window.questions, window.candidates, window.game
+    scores_cost = window.principal_costs
+    methods = enabled_methods(config)
+    outputs = {}
+    for method in sorted(methods, key=lambda m: m.stage is None):  # model calls first, under their stage timer
+        outputs[method.name] = method.run(window)
+        if method.stage is not None:
+            timer.lap(method.stage)
+    wall = timer.elapsed()
+    stages = timer.stages
+    correct_maps = window.correct_maps
 
     rows = []
+    names = window.agent_names
     for q, (problem, question) in enumerate(zip(problems, questions)):
-        correct_map = correct_maps[q]
-        sampling = sum(sample_costs[q], Cost())
-        principal_cost = scores[q].cost
-        first_sample_cost = sum(
-            (Cost(1, question.agents[i].tokens[0], sample_costs[q][i].prompt_tokens) for i in range(len(agents))),
-            Cost(),
-        )
-        methods: dict[str, dict] = {}
-        a = align_rows[q]
-        methods["align"] = _method(a["answer"], a["correct"], sampling + principal_cost,
-                                   agent=names[a["chosen_agent"]])
-        best = baselines_lib.best_of_n(host.principal_score[q], host.valid[q], host.answer_id[q], host.correct[q],
-                                       question.answers_by_id)
-        methods["best_of_n"] = _method(best.answer, best.correct, sampling + principal_cost)
-        for name in ("uniform_principal", "fair_single"):
-            cost = sampling + principal_cost if name == "uniform_principal" else sampling
-            methods[name] = _method(None, a["baselines"][name], cost)
-        all_ids = [x for agent in question.agents for x in agent.answer_ids]
-        all_answers = [x for agent in question.agents for x in agent.answers]
-        pooled = baselines_lib.majority_vote(all_ids, all_answers, correct_map)
-        methods["sc_pooled"] = _method(pooled.answer, pooled.correct, sampling)
-        for i, agent in enumerate(question.agents):
-            vote = baselines_lib.majority_vote(agent.answer_ids, agent.answers, correct_map)
-            methods[f"sc/{names[i]}"] = _method(vote.answer, vote.correct, sample_costs[q][i])
-        greedy_rows = None
-        if greedy is not None:
-            g_texts, g_tokens, g_costs = greedy
-            greedy_rows = []
-            for i in range(len(agents)):
-                text = g_texts[q][i][0]
-                answer = extract_answer(text)
-                ok = is_correct(answer, problem.gold)
-                methods[f"greedy/{names[i]}"] = _method(answer, float(ok), g_costs[q][i])
-                greedy_rows.append({"agent": names[i], "text": text, "answer": answer, "correct": ok,
-                                    "tokens": int(g_tokens[q][i][0])})
-        debate_rows = None
-        if debates is not None:
-            d = debates[q]
-            methods["debate"] = _method(d.pick.answer, d.pick.correct, first_sample_cost + d.cost)
-            debate_rows = [[{"agent": names[i], "text": t, "answer": ans} for i, (t, ans) in enumerate(rnd)]
-                           for rnd in d.rounds]
-        methods["random"] = _method(None, a["baselines"]["random"], sampling)
-        methods["pass@k"] = _method(None, baselines_lib.pass_at_k([ag.answer_ids for ag in question.agents],
-                                                                 correct_map), sampling)
         agents_rows = []
         for i, agent in enumerate(question.agents):
-            agents_rows.append({
-                "name": names[i],
-                "samples": [
-                    {"text": t, "answer": ans, "answer_id": aid, "tokens": tok,
-                     "correct": bool(correct_map.get(aid, False))}
-                    for t, ans, aid, tok in zip(agent.texts, agent.answers, agent.answer_ids, agent.tokens)
-                ],
-                "slots": [
-                    {"answer_id": slot.answer_id, "answer": slot.answer, "count": slot.count,
-                     "utility": slot.utility, "representative": slot.representative,
-                     "principal_score": float(host.principal_score[q, i, s]),
-                     "correct": bool(host.correct[q, i, s])}
-                    for s, slot in enumerate(agent.slots)
-                ],
-                "cost": _cost_dict(sample_costs[q][i]),
-            })
-        game = {k: v for k, v in a.items() if k not in ("baselines", "answer", "correct")}
-        game["utility_correlation"] = float(correlation[q])
-        rows.append({
-            "question_id": problem.id,
-            "question": problem.question,
-            "gold": problem.gold,
-            "agents": agents_rows,
-            "principal": {"type": config.principal.type, "cost": _cost_dict(principal_cost)},
-            "game": game,
-            "greedy": greedy_rows,
-            "debate": debate_rows,
-            "methods": methods,
-            "wall_s": wall / len(problems),
-            "window_wall_s": wall,
-            "stage_wall_s": {k: v / len(problems) for k, v in stages.items()},  # this question's share
-        })
+            samples = [SampleRecord(t, ans, aid, tok, bool(correct_maps[q].get(aid, False)))
+                       for t, ans, aid, tok in zip(agent.texts, agent.answers, agent.answer_ids, agent.tokens)]
+            slots = [SlotRecord(slot.answer_id, slot.answer, slot.count, slot.utility, slot.representative,
+                                float(host.principal_score[q, i, s]), bool(host.correct[q, i, s]))
+                     for s, slot in enumerate(agent.slots)]
+            agents_rows.append(AgentRecord(names[i], samples, slots, _cost_record(window.sample_costs[q][i])))
+        game = {k: v for k, v in game_rows[q].items() if k not in ("baselines", "answer", "correct")}
+        sections = {"greedy": None, "debate": None}
+        results = {}
+        for method in methods:
+            output = outputs[method.name][q]
+            results.update(output.results)
+            if method.section is not None:
+                sections[method.section] = output.section
+        row = ReasonRow(
+            question_id=problem.id, question=problem.question, gold=problem.gold, agents=agents_rows,
+            principal=PrincipalRecord(config.principal.type, _cost_record(scores_cost[q])),
+            game=GameRecord(**game, utility_correlation=float(correlation[q])),
+            greedy=sections["greedy"], debate=sections["debate"], methods=results,
+            wall_s=wall / len(problems), window_wall_s=wall,
+            stage_wall_s={k: v / len(problems) for k, v in stages.items()},  # this question's share
+            math_verify_failures=window.check_failures[q] or None,
+        )
+        rows.append(row_to_dict(row))
     return rows
-
-
-# --------------------------------------------------------------------------------------
-# Run
-# --------------------------------------------------------------------------------------
 
 
 class ReasonReport(NamedTuple):
@@ -561,227 +483,56 @@ def run_reason(config: ReasonConfig, *, progress: bool = True, figures: bool = T
         raised there stops the run; a rerun resumes).
 
     Raises:
-      ConfigError: the results file was written with different settings.
+      ConfigError: the results file was written with different settings, or holds a
+        malformed row (file and line named).
       DatasetError / WeightsError: data or model files are unusable.
     """
     wall_start = time.perf_counter()
     problems = datasets_lib.load_dataset(config.dataset, config.split, config.data_dir,
                                          limit=config.limit, offset=config.offset)
-    out = run_dir(config)
-    out.mkdir(parents=True, exist_ok=True)
-    settings = _settings_hash(config)
-    results_path = out / "results.jsonl"
-    done = _read_rows(results_path)
-    for question_id, row in done.items():
-        if row.get("settings_hash") != settings:
-            raise ConfigError(
-                f"{results_path}: question {question_id} was computed with different settings "
-                f"(hash {row.get('settings_hash')} != {settings}); use another name/output_dir or delete the file"
-            )
-    _atomic_write(out / "config.json", json.dumps(config_to_dict(config), indent=2, sort_keys=True))
+    files = RunFiles(run_dir(config), key_field="question_id", settings=reason_settings_hash(config))
+    read_rows(files.results_path)  # every finished row checked against the row schema
+    files.write_json("config.json", dataclasses.asdict(config))
     agents = _agent_specs(config)
     pool = pool if pool is not None else ModelPool(dtype=config.dtype, param_dtype=config.param_dtype,
                                                    quantized=config.quantized)
+    generator = make_generator(config.candidates)
+    principal = None  # built on the first window with work, so a finished run loads no model
     base_key = jax.random.key(config.seed)
     b = config.batch_questions
-    windows = [problems[j:j + b] for j in range(0, len(problems), b)]
+    units = [Unit(tuple(p.id for p in problems[j:j + b]), f"window {j // b}", (j // b, problems[j:j + b]))
+             for j in range(0, len(problems), b)]
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+    def compute(unit: Unit) -> list[dict]:
+        nonlocal principal
+        if principal is None:
+            principal = make_principal(config.principal, pool=pool, default_model=config.principal_model(),
+                                       seed=config.seed)
+        w, window = unit.payload
+        return process_window(config, agents, pool, window, jax.random.fold_in(base_key, w),
+                              generator=generator, principal=principal)
 
-    columns = [TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-               TimeElapsedColumn(), TimeRemainingColumn()]
-    finished = sum(p.id in done for p in problems)
-    with Progress(*columns, disable=not progress, transient=False) as bar:
-        task = bar.add_task(f"{config.name}: questions", total=len(problems), completed=finished)
-        for w, window in enumerate(windows):
-            if all(p.id in done for p in window):
-                continue
-            rows = process_window(config, agents, pool, window, jax.random.fold_in(base_key, w))
-            for row in rows:
-                if row["question_id"] in done:
-                    continue
-                row["settings_hash"] = settings
-                _append_line(results_path, row)
-                done[row["question_id"]] = row
-                bar.advance(task)
-                if on_question is not None:
-                    on_question(row)
-
-    rows = [done[p.id] for p in problems]
+    run_units(files, units, compute, description=f"{config.name}: questions", progress=progress, on_row=on_question)
+    rows = files.rows(p.id for p in problems)
     summary = summarize(rows, config)
     summary["run_wall_s"] = time.perf_counter() - wall_start
-    _atomic_write(out / "summary.json", json.dumps(summary, indent=2, sort_keys=True))
-    _atomic_write(out / "summary.md", summary_markdown(config, summary))
+    files.write_json("summary.json", summary)
+    files.write_text("summary.md", summary_markdown(config, summary))
     if figures and rows:
-        accuracy_figure(config, summary, out / "accuracy.png")
-    return ReasonReport(rows, summary, out, time.perf_counter() - wall_start)
-
-
-# --------------------------------------------------------------------------------------
-# Summary, intervals, figure
-# --------------------------------------------------------------------------------------
-
-
-def bootstrap_interval(values: np.ndarray, indices: np.ndarray) -> tuple[float, float]:
-    """95% percentile bootstrap interval of the mean of ``values [Q]`` over resamples ``indices [B, Q]``."""
-    means = np.asarray(values, np.float64)[indices].mean(axis=1)
-    low, high = np.percentile(means, [2.5, 97.5])
-    return float(low), float(high)
-
-
-def summarize(rows: Sequence[dict], config: ReasonConfig) -> dict:
-    """Accuracy per method with 95% bootstrap intervals, cost per question, game diagnostics.
-
-    The resamples of questions are drawn once (numpy, ``seed``) and shared by all
-    methods, so the intervals of paired differences (``align - X``) are valid too.
-    """
-    names = method_names(config)
-    q = len(rows)
-    summary: dict[str, Any] = {"name": config.name, "dataset": config.dataset, "questions": q,
-                               "seed": config.seed, "bootstrap_samples": config.bootstrap_samples,
-                               "jax_version": jax.__version__, "device": str(jax.devices()[0]), "methods": {}}
-    if q == 0:
-        return summary
-    rng = np.random.default_rng(config.seed)
-    indices = rng.integers(0, q, size=(config.bootstrap_samples, q))
-    correct = {m: np.array([row["methods"][m]["correct"] for row in rows], np.float64) for m in names}
-    for m in names:
-        costs = [row["methods"][m]["cost"] for row in rows]
-        low, high = bootstrap_interval(correct[m], indices)
-        calls = float(np.mean([c["calls"] for c in costs]))
-        gen = float(np.mean([c["gen_tokens"] for c in costs]))
-        prompt = float(np.mean([c["prompt_tokens"] for c in costs]))
-        summary["methods"][m] = {"accuracy": float(correct[m].mean()), "ci_low": low, "ci_high": high,
-                                 "calls_per_question": calls, "gen_tokens_per_question": gen,
-                                 "total_tokens_per_question": gen + prompt}
-    differences = {}
-    for other in ("sc_pooled", "best_of_n", "fair_single"):
-        diff = correct["align"] - correct[other]
-        low, high = bootstrap_interval(diff, indices)
-        differences[f"align - {other}"] = {"mean": float(diff.mean()), "ci_low": low, "ci_high": high}
-    summary["differences"] = differences
-    game = [row["game"] for row in rows]
-    regret = np.array([np.max(np.asarray(g["regret"]) / np.maximum(np.asarray(g["regret_bound"]), 1e-12))
-                       for g in game])
-    summary["game"] = {
-        "nash_gap": float(np.mean([g["nash_gap"] for g in game])),
-        "pareto_compliance": float(np.mean([g["pareto_compliance"] for g in game])),
-        "rounds_played": float(np.mean([g["rounds_played"] for g in game])),
-        "max_regret_over_bound": float(regret.mean()),
-        "utility_correlation": float(np.mean([g["utility_correlation"] for g in game])),
-        "distinct_answers_per_agent": float(np.mean([len(a["slots"]) for row in rows for a in row["agents"]])),
-        "no_answer_rate": float(np.mean([s["answer"] is None for row in rows for a in row["agents"]
-                                         for s in a["samples"]])),
-    }
-    summary["wall_s_per_question"] = float(np.mean([row["wall_s"] for row in rows]))
-    summary["wall_s_total"] = float(np.sum([row["wall_s"] for row in rows]))
-    stage_names = dict.fromkeys(k for row in rows for k in row.get("stage_wall_s", {}))
-    summary["stage_wall_s_total"] = {k: float(np.sum([row.get("stage_wall_s", {}).get(k, 0.0) for row in rows]))
-                                     for k in stage_names}
-    return summary
-
-
-def summary_markdown(config: ReasonConfig, summary: dict) -> str:
-    """The accuracy table (method, accuracy, 95% CI, calls, tokens per question) as markdown."""
-    lines = [
-        f"# {config.name}: {summary['questions']} {config.dataset} questions (seed {config.seed})",
-        "",
-        f"Principal: {config.principal.type}; agents: "
-        + ", ".join(f"{n} ({a.model}, {a.prompt_style}, T={a.temperature}, K={a.num_samples})"
-                    for n, a in zip(config.agent_names(), config.agents)),
-        "",
-        "| method | accuracy | 95% CI | model calls / q | generated tokens / q | total tokens / q |",
-        "|---|---|---|---|---|---|",
-    ]
-    for m, s in summary["methods"].items():
-        lines.append(f"| {m} | {s['accuracy']:.3f} | [{s['ci_low']:.3f}, {s['ci_high']:.3f}] | "
-                     f"{s['calls_per_question']:.1f} | {s['gen_tokens_per_question']:.0f} | "
-                     f"{s['total_tokens_per_question']:.0f} |")
-    if "differences" in summary:
-        lines += ["", "| paired difference | mean | 95% CI |", "|---|---|---|"]
-        for k, d in summary["differences"].items():
-            lines.append(f"| {k} | {d['mean']:+.3f} | [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] |")
-        g = summary["game"]
-        lines += ["", "ALIGN game diagnostics (means over questions): "
-                  f"Nash gap {g['nash_gap']:.4f}, Pareto compliance {g['pareto_compliance']:.3f}, "
-                  f"rounds {g['rounds_played']:.1f}, max regret / bound {g['max_regret_over_bound']:.3f}, "
-                  f"corr(agent utility, principal score) {g['utility_correlation']:.3f}, "
-                  f"distinct answers per agent {g['distinct_answers_per_agent']:.2f}, "
-                  f"no-answer samples {g['no_answer_rate']:.3f}."]
-        lines += ["", f"Wall time: {summary['wall_s_total']:.1f} s in windows "
-                  f"({summary['wall_s_per_question']:.1f} s / question; by stage: "
-                  + ", ".join(f"{k} {v:.0f} s" for k, v in summary["stage_wall_s_total"].items()) + "); "
-                  f"intervals: {summary['bootstrap_samples']} paired bootstrap resamples of questions."]
-    return "\n".join(lines) + "\n"
-
-
-def print_summary(config: ReasonConfig, summary: dict) -> None:
-    """Prints the accuracy table with rich."""
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title=f"{config.name}: {summary['questions']} {config.dataset} questions")
-    for col in ("method", "accuracy", "95% CI", "calls/q", "gen tokens/q", "total tokens/q"):
-        table.add_column(col, justify="left" if col == "method" else "right")
-    for m, s in summary["methods"].items():
-        table.add_row(m, f"{s['accuracy']:.3f}", f"[{s['ci_low']:.3f}, {s['ci_high']:.3f}]",
-                      f"{s['calls_per_question']:.1f}", f"{s['gen_tokens_per_question']:.0f}",
-                      f"{s['total_tokens_per_question']:.0f}")
-    Console().print(table)
-
-
-def accuracy_figure(config: ReasonConfig, summary: dict, path: Path) -> Path:
-    """Horizontal bars: accuracy per method with its 95% bootstrap interval."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(summary["methods"])
-    acc = np.array([summary["methods"][m]["accuracy"] for m in names])
-    low = np.array([summary["methods"][m]["ci_low"] for m in names])
-    high = np.array([summary["methods"][m]["ci_high"] for m in names])
-    colors = ["C0" if m == "align" else "C3" if m == "pass@k" else "C7" for m in names]
-    fig, ax = plt.subplots(figsize=(7.0, 0.38 * len(names) + 1.4))
-    y = np.arange(len(names))[::-1]
-    ax.barh(y, acc, xerr=np.vstack([acc - low, high - acc]), color=colors, capsize=3, alpha=0.85)
-    ax.set_yticks(y)
-    ax.set_yticklabels(names, fontsize=8)
-    ax.set_xlim(0, 1)
-    ax.set_xlabel("accuracy (95% bootstrap interval)")
-    ax.set_title(f"{config.name}: {summary['questions']} {config.dataset} questions, principal={config.principal.type}",
-                 fontsize=9)
-    ax.grid(axis="x", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        accuracy_figure(config, summary, files.path("accuracy.png"))
+    return ReasonReport(rows, summary, files.directory, time.perf_counter() - wall_start)
 
 
 # --------------------------------------------------------------------------------------
 # CLI
 # --------------------------------------------------------------------------------------
 
+_OVERRIDES = ("limit", "seed", "output_dir")
+
 
 def _reason_command(args) -> int:
-    import sys
-
-    from align_jax.llm.registry import ModelPackageError
-    from align_jax.llm.weights import WeightsError
-
-    try:
-        config = load_reason_config(args.config)
-        overrides = {}
-        for key in ("limit", "seed", "output_dir"):
-            value = getattr(args, key)
-            if value is not None:
-                overrides[key] = value
-        if overrides:
-            config = dataclasses.replace(config, **overrides)
-        report = run_reason(config, progress=not args.quiet, figures=not args.no_figures)
-    except (ConfigError, FieldError, GameInputError, datasets_lib.DatasetError, WeightsError, ModelPackageError) as exc:
-        print(f"align-jax: error: {exc}", file=sys.stderr)
-        return 2
+    config = apply_overrides(load_reason_config(args.config), args, _OVERRIDES)
+    report = run_reason(config, progress=not args.quiet, figures=not args.no_figures)
     print_summary(config, report.summary)
     print(f"wall time {report.wall_s:.1f} s; results: {report.directory}")
     return 0
@@ -790,11 +541,6 @@ def _reason_command(args) -> int:
 def add_reason_subcommand(subparsers) -> argparse.ArgumentParser:
     """Adds ``reason CONFIG [--limit N] [--seed S] [--output-dir DIR] [--no-figures] [--quiet]``."""
     parser = subparsers.add_parser("reason", help="ALIGN vs baselines on GSM8K / GSM-Hard / MATH-500 with real models")
-    parser.add_argument("config", help="YAML reason config (see configs/reason_*.yaml)")
-    parser.add_argument("--limit", type=int, help="override limit (number of questions)")
-    parser.add_argument("--seed", type=int, help="override seed")
-    parser.add_argument("--output-dir", help="override output_dir")
-    parser.add_argument("--no-figures", action="store_true", help="skip accuracy.png")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_run_arguments(parser, _OVERRIDES)
     parser.set_defaults(func=_reason_command)
     return parser

@@ -14,6 +14,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from align_jax.data import answers
+from align_jax.data import math_verify_bridge as bridge
 from align_jax.data.answers import (
     answers_equal,
     canonicalize,
@@ -214,7 +215,7 @@ def test_numeric_fast_path_agrees_with_math_verify(a, b, style_a, style_b):
     """The pure-Python path gives math-verify's verdict on plain numbers."""
     key_a, key_b = normalize_answer(_surface(a, style_a)), normalize_answer(_surface(b, style_b))
     fast = answers._keys_equal(key_a, key_b, True)
-    slow = answers._math_verify_equal(key_a, key_b) or answers._math_verify_equal(key_b, key_a)
+    slow = bridge._math_verify_equal(key_a, key_b) or bridge._math_verify_equal(key_b, key_a)
     assert fast == slow, (key_a, key_b)
 
 
@@ -239,23 +240,24 @@ def test_math_verify_path_works_off_the_main_thread():
 def test_timeout_arguments_by_thread(monkeypatch):
     seen = []
 
-    def fake(*args, parsing_timeout):
-        seen.append(parsing_timeout)
+    def fake(*args, parsing_timeout, raise_on_error):
+        seen.append((parsing_timeout, raise_on_error))
         return ["ok"]
 
-    assert answers._bounded_call(fake, "parsing_timeout", [], "x") == ["ok"]
-    worker = threading.Thread(target=lambda: seen.append(answers._bounded_call(fake, "parsing_timeout", [], "x")))
+    assert bridge._bounded_call(fake, "parsing_timeout", "x") == ["ok"]
+    worker = threading.Thread(target=lambda: seen.append(bridge._bounded_call(fake, "parsing_timeout", "x")))
     worker.start()
     worker.join(10)
     # Main thread: math-verify's own (signal) timeout; other threads: None, bounded by us.
-    assert seen == [answers.MATH_VERIFY_TIMEOUT_S, None, ["ok"]]
+    # Always raise_on_error=True: math-verify's default hides its failures.
+    assert seen == [(bridge.MATH_VERIFY_TIMEOUT_S, True), (None, True), ["ok"]]
 
 
 def test_hung_math_verify_is_bounded_off_the_main_thread(monkeypatch):
-    monkeypatch.setattr(answers, "MATH_VERIFY_TIMEOUT_S", 1)
+    monkeypatch.setattr(bridge, "MATH_VERIFY_TIMEOUT_S", 1)
     release = threading.Event()
 
-    def hang(*args, timeout_seconds):
+    def hang(*args, timeout_seconds, raise_on_error):
         release.wait(30)
         return True
 
@@ -263,15 +265,113 @@ def test_hung_math_verify_is_bounded_off_the_main_thread(monkeypatch):
 
     def work():
         start = time.perf_counter()
-        outcome["value"] = answers._bounded_call(hang, "timeout_seconds", False, 1, 2)
+        try:
+            bridge._bounded_call(hang, "timeout_seconds", 1, 2)
+        except bridge._CallFailed as exc:
+            outcome["kind"] = exc.kind
         outcome["elapsed"] = time.perf_counter() - start
 
     worker = threading.Thread(target=work)
     worker.start()
     worker.join(20)
     release.set()
-    assert outcome["value"] is False  # a timed-out comparison is "not equal", never "equal"
+    assert outcome["kind"] == "timeout"  # a timed-out comparison is a failure, never "equal"
     assert 0.9 <= outcome["elapsed"] < 10
+
+
+# ---- math-verify failures are visible ---------------------------------------------------------
+# Each test uses answers of its own, so that no verdict comes from the caches. The fakes behave
+# as math-verify does: with raise_on_error=False (its default) it swallows its own exceptions
+# and timeouts into "unequal" / "no parse"; with raise_on_error=True it raises them.
+
+
+def _fake_math_verify(monkeypatch, function, exception):
+    import math_verify
+
+    real = getattr(math_verify, function)
+
+    def fake(*args, raise_on_error=False, **kwargs):
+        if raise_on_error:
+            raise exception
+        return [] if function == "parse" else False
+
+    monkeypatch.setattr(math_verify, function, fake)
+    return real
+
+
+def test_a_math_verify_exception_is_reported_with_answer_and_gold(monkeypatch, caplog):
+    _fake_math_verify(monkeypatch, "verify", RuntimeError("sympy blew up"))
+    gold, pred = "\\frac{\\sqrt{3}}{11}", "\\frac{1}{11}\\sqrt{3}"  # equal values: only verify() decides
+    before = answers.math_verify_failure_count()
+    with caplog.at_level("WARNING", logger="align_jax.data.answers"):
+        with answers.collect_math_verify_failures() as failures:
+            assert is_correct(pred, gold) is False  # the run goes on: undecided counts as wrong
+    assert answers.math_verify_failure_count() == before + 1
+    [failure] = failures
+    assert (failure.stage, failure.kind) == ("verify", "error")
+    assert failure.gold == normalize_answer(gold) and failure.answer == normalize_answer(pred)
+    assert "RuntimeError: sympy blew up" in failure.detail
+    assert any(repr(normalize_answer(pred)) in r.getMessage() and repr(normalize_answer(gold)) in r.getMessage()
+               for r in caplog.records), "the failure is logged as a warning naming answer and gold"
+    verdict = answers.check_answer(pred, gold)
+    assert verdict.undecided and verdict.correct is False and verdict.failure == failure
+    with pytest.raises(answers.MathVerifyError, match="sympy blew up") as raised:
+        is_correct(pred, gold, on_failure="raise")
+    assert raised.value.failure == failure
+    # a repeated judgement comes from the cache and is reported again (counts are per verdict)
+    with answers.collect_math_verify_failures() as again:
+        assert is_correct(pred, gold) is False
+    assert again == [failure]
+
+
+def test_a_math_verify_timeout_is_reported_in_the_main_thread(monkeypatch):
+    from math_verify.errors import TimeoutException
+
+    _fake_math_verify(monkeypatch, "verify", TimeoutException("Operation timed out!"))
+    gold, pred = "\\frac{\\sqrt{5}}{13}", "\\frac{1}{13}\\sqrt{5}"
+    with answers.collect_math_verify_failures() as failures:
+        assert answers_equal(gold, pred) is False
+        ids = canonicalize([gold, pred])
+    assert ids[0] != ids[1]  # undecided: two classes, never merged
+    assert [(f.stage, f.kind) for f in failures] == [("verify", "timeout")] * 2
+
+
+def test_a_hung_math_verify_parse_off_the_main_thread_is_reported(monkeypatch):
+    import math_verify
+
+    monkeypatch.setattr(bridge, "MATH_VERIFY_TIMEOUT_S", 1)
+    release = threading.Event()
+    real_parse = math_verify.parse
+
+    def hang(text, *args, **kwargs):
+        if "17}" in text:
+            release.wait(30)
+        return real_parse(text, *args, **kwargs)
+
+    monkeypatch.setattr(math_verify, "parse", hang)
+    result = {}
+
+    def work():
+        with answers.collect_math_verify_failures() as failures:
+            result["correct"] = is_correct("\\sqrt{17}", "\\sqrt{17}+0")
+        result["failures"] = failures
+
+    worker = threading.Thread(target=work)
+    worker.start()
+    worker.join(30)
+    release.set()
+    assert result["correct"] is False
+    [failure] = result["failures"]
+    assert (failure.stage, failure.kind) == ("parse", "timeout") and "sqrt{17}" in failure.detail
+
+
+def test_no_failure_means_nothing_reported():
+    with answers.collect_math_verify_failures() as failures:
+        assert is_correct("\\sqrt{16}", "4") and not is_correct("\\sqrt{15}", "4")
+        assert answers.check_answer("\\sqrt{16}", "4") == answers.Verdict(True, None)
+    assert failures == []
+    with pytest.raises(ValueError, match="on_failure"):
+        is_correct("4", "4", on_failure="ignore")
 
 
 # ---- Reference solutions --------------------------------------------------------------------
@@ -316,7 +416,7 @@ def test_plain_numbers_never_reach_math_verify(monkeypatch):
     def forbidden(*args):
         raise AssertionError("math-verify called for plain numbers")
 
-    monkeypatch.setattr(answers, "_math_verify_equal", forbidden)
+    monkeypatch.setattr(bridge, "math_verify_compare", forbidden)
     # Values unique to this test, so that no verdict comes from the cache.
     assert answers_equal("$123,457.50", "123457.5")
     assert answers_equal("\\frac{7}{123457}", "7/123457")
@@ -330,8 +430,8 @@ def test_probe_point_filter_rules_out_unequal_expressions_without_math_verify(mo
 
     # Warm the parses first (parsing is allowed; only verify() is forbidden below).
     for key in ("2k+3", "2k+5", "(7, \\frac{\\pi}{3})", "(7, \\frac{\\pi}{4})", "\\sqrt{7}", "a^2 b"):
-        answers._numeric_fingerprint(key)
-    monkeypatch.setattr(answers, "_math_verify_equal", forbidden)
+        bridge._numeric_fingerprint(key)
+    monkeypatch.setattr(bridge, "math_verify_compare", forbidden)
     assert not answers_equal("2k+3", "2k+5")
     assert not answers_equal("(7, \\frac{\\pi}{3})", "(7, \\frac{\\pi}{4})")
     assert not answers_equal("\\sqrt{7}", "2.64")
@@ -348,7 +448,7 @@ def test_probe_point_filter_rules_out_unequal_expressions_without_math_verify(mo
     ],
 )
 def test_probe_point_filter_keeps_identities(a, b):
-    assert not answers._fingerprints_differ(normalize_answer(a), normalize_answer(b))
+    assert not bridge.fingerprints_differ(normalize_answer(a), normalize_answer(b))
     assert answers_equal(a, b)
 
 
@@ -375,3 +475,16 @@ def test_canonicalize_matches_a_math_verify_only_reference_on_math500():
             representatives.append(value)
             reference.append(len(representatives) - 1)
     np.testing.assert_array_equal(canonicalize(values), reference)
+
+
+def test_answers_reexports_the_split_modules_names():
+    """align_jax.data.answers stays the one import point: the same objects as where they live."""
+    from align_jax.data import answer_text
+
+    for name in ("extract_answer", "normalize_answer"):
+        assert getattr(answers, name) is getattr(answer_text, name)
+    for name in ("MATH_VERIFY_TIMEOUT_S", "MathVerifyFailure", "MathVerifyError",
+                 "collect_math_verify_failures", "math_verify_failure_count"):
+        assert getattr(answers, name) is getattr(bridge, name)
+    assert set(answers.__all__) >= {"Verdict", "answers_equal", "canonicalize", "check_answer", "is_correct"}
+    assert bridge.logger.name == "align_jax.data.answers"  # failures keep their logger name

@@ -19,7 +19,7 @@ def good():
         (lambda u, s, v: u.__setitem__((1, 2, 3), np.nan), r"agent_utility is not finite \(nan\) at question 1, agent 2, slot 3"),
         (lambda u, s, v: s.__setitem__((0, 1, 0), np.inf), r"principal_score is not finite \(inf\) at question 0, agent 1, slot 0"),
         (lambda u, s, v: u.__setitem__((0, 0, 1), -0.5), r"agent_utility must be >= 0"),
-        (lambda u, s, v: v.__setitem__((1, 1), False), r"question 1, agent 1 has no valid candidate"),
+        (lambda u, s, v: v.__setitem__(1, False), r"question 1 has no valid candidate in any agent"),
     ],
 )
 def test_bad_candidates_fail_before_compiling(mutate, message):

@@ -18,9 +18,9 @@ import jax
 import numpy as np
 import pytest
 
-from align_jax.game import reference
 from align_jax.game.delegation import play
 from align_jax.game.types import CandidateSet, GameConfig, GameInputError, GameParams, make_candidates
+from tests.game import reference
 
 ATOL = 1e-5
 RTOL = 1e-5

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from align_jax.llm import decoding
 from align_jax.llm import sampler as sampler_lib
 from align_jax.llm.logits import ban_tokens, compose_processors, sample_tokens, top_candidates
 from align_jax.llm.model import ModelConfig, Transformer, forward, init_cache
@@ -497,6 +498,162 @@ def test_no_retrace_on_second_call_with_same_bucket(sampler):
     sampler.generate([[9, 9, 9, 9, 9, 9], [1], list(range(16))], key=jax.random.key(9),
                      temperature=[0.3, 1.7, 1.0], top_p=1.0, **kw)
     assert dict(sampler_lib.TRACE_COUNTS) == before
+
+
+# --------------------------------------------------------------------------- one-step API
+
+
+def _start(sampler, prompts=PROMPTS, num_samples=1, slots=12):
+    return sampler.start(sampler.prepare(prompts, num_samples=num_samples, max_new_tokens=slots))
+
+
+def _assert_next_token_logits(model, logits, seqs):
+    """Row b of ``logits`` is the full no-cache forward pass's next-token logits after ``seqs[b]``."""
+    ref = full_logits(model, seqs)
+    for b, seq in enumerate(seqs):
+        np.testing.assert_allclose(logits[b], ref[b, len(seq) - 1], atol=1e-4)
+
+
+def test_prefill_and_step_logits_equal_full_forward(model, sampler):
+    """prefill + step (one token, several tokens, ragged counts) == a full no-cache forward pass."""
+    logits, state = _start(sampler)
+    assert state.num_rows == 3 and state.cache.num_slots == 16 + 12
+    _assert_next_token_logits(model, logits, PROMPTS)
+    seqs = [list(p) for p in PROMPTS]
+    # one token per row
+    first = jnp.asarray([5, 6, 7], jnp.int32)
+    logits, state = sampler.step(state, first)
+    for b in range(3):
+        seqs[b].append(int(first[b]))
+    _assert_next_token_logits(model, logits, seqs)
+    # then up to 3 tokens per row, row 1 feeding 2 and row 2 none (its logits are to be ignored)
+    block = jnp.asarray([[11, 12, 13], [14, 15, 16], [17, 18, 19]], jnp.int32)
+    counts = jnp.asarray([3, 2, 0], jnp.int32)
+    logits, state = sampler.step(state, block, counts)
+    for b in range(3):
+        seqs[b] += np.asarray(block[b, : int(counts[b])]).tolist()
+    np.testing.assert_array_equal(state.positions, [len(s) for s in seqs])
+    assert int(state.next_slot) == 16 + 1 + 3
+    # and one more single token: the padded slots of the short rows stay invisible
+    last = jnp.asarray([21, 22, 23], jnp.int32)
+    logits, state = sampler.step(state, last)
+    for b in range(3):
+        seqs[b].append(int(last[b]))
+    _assert_next_token_logits(model, logits, seqs)
+
+
+def test_step_matches_the_samplers_own_decode(sampler):
+    """Greedy decoding driven by prefill/step reproduces Sampler.generate's greedy tokens."""
+    out = sampler.generate(PROMPTS, key=KEY, num_samples=1, max_new_tokens=6, temperature=0.0, eos_token_ids=())
+    logits, state = _start(sampler, slots=6)
+    tokens = []
+    for _ in range(6):
+        tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        tokens.append(np.asarray(tok))
+        logits, state = sampler.step(state, tok)
+    np.testing.assert_array_equal(np.stack(tokens, axis=1), out.tokens[:, 0])
+
+
+def test_gather_and_copy_rows_then_step_equal_stepping_the_original_rows(sampler):
+    tok = jnp.asarray([9, 10, 11], jnp.int32)
+    _, state = _start(sampler)
+    want, _ = sampler.step(state, tok)  # the original rows stepped
+    # gather to another row count: rows [2, 0, 0, 1]; the input is kept (not donated)
+    _, state = _start(sampler)
+    picked = decoding.gather(state, [2, 0, 0, 1])
+    assert not state.cache.k[0].is_deleted() and picked.num_rows == 4
+    got, picked = sampler.step(picked, tok[jnp.asarray([2, 0, 0, 1])])
+    np.testing.assert_allclose(got, want[jnp.asarray([2, 0, 0, 1])], atol=1e-5)
+    # gather with the same row count reorders in place (donated)
+    _, state = _start(sampler)
+    order = [1, 2, 0]
+    moved = decoding.gather(state, order)
+    assert state.cache.k[0].is_deleted()
+    got, _ = sampler.step(moved, tok[jnp.asarray(order)])
+    np.testing.assert_allclose(got, want[jnp.asarray(order)], atol=1e-5)
+    # copy row 0 over rows 1 and 2 (branching a node into children): all three now continue row 0
+    _, state = _start(sampler)
+    branched = decoding.copy(state, [0, 0], [1, 2])
+    assert state.cache.k[0].is_deleted()
+    np.testing.assert_array_equal(branched.positions, [3, 3, 3])
+    got, _ = sampler.step(branched, jnp.full((3,), 9, jnp.int32))
+    for r in range(3):
+        np.testing.assert_allclose(got[r], want[0], atol=1e-5)
+    # bad rows are refused before any jit
+    _, state = _start(sampler)
+    with pytest.raises(ValueError, match=r"rows has row 3 outside \[0, 3\)"):
+        decoding.gather(state, [0, 3])
+    with pytest.raises(ValueError, match="repeated row"):
+        decoding.copy(state, [0, 1], [2, 2])
+    with pytest.raises(ValueError, match="src_rows has 1 rows and dst_rows 2"):
+        decoding.copy(state, [0], [1, 2])
+    with pytest.raises(ValueError, match=r"tokens must be \[R\] or \[R, L\] with R=3"):
+        sampler.step(state, jnp.zeros((2,), jnp.int32))
+
+
+def test_step_api_donates_and_does_not_retrace(sampler):
+    _, state = _start(sampler)
+    cache_leaf = state.cache.k[0]
+    _, state = sampler.step(state, jnp.asarray([1, 2, 3], jnp.int32))
+    assert cache_leaf.is_deleted()  # stepped in place
+    state = decoding.gather(state, [2, 1, 0])
+    state = decoding.copy(state, [0], [1])
+    before = dict(decoding.TRACE_COUNTS)
+    # second round: other prompts in the same bucket, other tokens and rows
+    _, state = _start(sampler, [[4, 4], [9] * 9, [1, 2, 3, 4]])
+    _, state = sampler.step(state, jnp.asarray([7, 8, 9], jnp.int32))
+    state = decoding.gather(state, [0, 0, 1])
+    state = decoding.copy(state, [2], [0])
+    assert dict(decoding.TRACE_COUNTS) == before
+
+
+def test_module_level_step_api_equals_the_sampler_methods(sampler):
+    """decoding.prefill/step with (graphdef, params) == Sampler.start/step; the sampler and the
+    package re-export the very same functions (one implementation, no copy)."""
+    import align_jax.llm as llm
+
+    for name in ("DecodeState", "prefill", "step", "gather", "copy"):
+        assert getattr(sampler_lib, name) is getattr(decoding, name) is getattr(llm, name)
+    assert sampler_lib.TRACE_COUNTS is decoding.TRACE_COUNTS
+    batch = sampler.prepare(PROMPTS, num_samples=2, max_new_tokens=4)
+    want, state = sampler.start(batch)
+    got, raw = decoding.prefill(sampler.graphdef, sampler.state, jnp.asarray(batch.tokens),
+                                jnp.asarray(batch.prompt_lengths), num_samples=2, max_new_tokens=4)
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(raw.kv_mask, state.kv_mask)
+    tok = jnp.arange(6, dtype=jnp.int32) + 3
+    want, _ = sampler.step(state, tok)
+    got, _ = decoding.step(sampler.graphdef, sampler.state, raw, tok)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_processor_state_update_donation_and_selected_return(sampler):
+    """A processor returning (logits, user) updates the state; params are seen but never donated;
+    with donate_processor_state the state passed in is consumed; return_processor_state selects."""
+    rows = 3
+
+    def proc(logits, state):
+        seen = state.user["seen"] + (state.params["bias"][5] > 0).astype(jnp.int32)
+        return logits + state.params["bias"], {**state.user, "seen": seen}
+
+    def update(user, tokens, state):
+        return {**user, "count": user["count"] + 1, "seen_at_update": state.user["seen"]}
+
+    params = {"bias": jnp.zeros((VOCAB,), jnp.float32).at[5].set(1e4)}  # forces token 5
+    user = {"seen": jnp.zeros(rows, jnp.int32), "count": jnp.zeros(rows, jnp.int32),
+            "seen_at_update": jnp.zeros(rows, jnp.int32)}
+    out = sampler.generate(PROMPTS, key=KEY, max_new_tokens=4, eos_token_ids=(), logits_processor=proc,
+                           processor_update=update, processor_state=user, processor_params=params,
+                           donate_processor_state=True, return_processor_state=lambda u: u["seen"])
+    assert np.all(out.tokens == 5)
+    np.testing.assert_array_equal(out.processor_state, [4, 4, 4])
+    assert user["seen"].is_deleted() and not params["bias"].is_deleted()
+    kept = {k: jnp.zeros(rows, jnp.int32) for k in ("seen", "count", "seen_at_update")}
+    out = sampler.generate(PROMPTS, key=KEY, max_new_tokens=4, eos_token_ids=(), logits_processor=proc,
+                           processor_update=update, processor_state=kept, processor_params=params)
+    assert not kept["seen"].is_deleted()  # not donated by default
+    np.testing.assert_array_equal(out.processor_state["count"], [4, 4, 4])
+    np.testing.assert_array_equal(out.processor_state["seen_at_update"], [4, 4, 4])  # the processor's update
 
 
 # --------------------------------------------------------------------------- bad input

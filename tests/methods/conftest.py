@@ -12,6 +12,8 @@ import json
 
 import pytest
 
+from align_jax.config import config_from_dict
+
 from tests.llm.conftest import make_tiny_config, make_tiny_tokenizer
 
 QUESTIONS = [
@@ -62,3 +64,38 @@ def tiny_pool(tiny_checkpoint):
     from align_jax.methods.candidates import ModelPool
 
     return ModelPool()
+
+
+LIMIT = 4
+
+
+def tiny_config(checkpoint, data_dir, output_dir, **changes):
+    data = dict(
+        name="tiny",
+        data_dir=str(data_dir),
+        limit=LIMIT,
+        batch_questions=2,
+        seed=3,
+        output_dir=str(output_dir),
+        agents=[
+            dict(model=checkpoint, name="zs", temperature=1.0, top_p=0.9, num_samples=4, max_new_tokens=8),
+            dict(model=checkpoint, name="fs", prompt_style="few_shot_cot", num_fewshot=1, temperature=0.8,
+                 top_p=0.9, num_samples=3, max_new_tokens=8),
+        ],
+        principal=dict(type="oracle"),
+        game=dict(num_rounds=5),
+        debate=dict(rounds=1, max_chars=40),
+        bootstrap_samples=200,
+    )
+    data.update(changes)
+    from align_jax.methods import reason
+
+    return config_from_dict(reason.ReasonConfig, data)
+
+
+@pytest.fixture(scope="session")
+def full_run(tiny_checkpoint, tiny_data_dir, tiny_pool, tmp_path_factory):
+    config = tiny_config(tiny_checkpoint, tiny_data_dir, tmp_path_factory.mktemp("full"))
+    from align_jax.methods import reason
+
+    return config, reason.run_reason(config, progress=False, pool=tiny_pool)

@@ -1,8 +1,8 @@
-"""CAGE decoding: processor = solver's pi*, w = 0 -> base top-M, brevity shortens, guide lockstep, bad input."""
+"""CAGE decoding: processor = solver's pi*, w = 0 -> base top-M, brevity shortens, guide lockstep,
+unconverged solves counted, the guide's cache donated, bad input."""
 
 from __future__ import annotations
 
-import json
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +35,9 @@ def _ctx(tok, convs, rows_per_prompt=1, t=8):
     return cage.DecodeContext(tok, VOCAB, tuple(convs), rows_per_prompt, t, tuple(tok.eos_token_ids))
 
 
-def _step(state, rows, t=0):
+def _step(state, rows, t=0, params=None):
     return SamplerStepState(jnp.asarray(t, jnp.int32), jnp.zeros((rows, 8), jnp.int32),
-                            jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), bool), state)
+                            jnp.zeros((rows,), jnp.int32), jnp.zeros((rows,), bool), state, params)
 
 
 CONVS = [[{"role": "user", "content": "What is 3 + 4?"}], [{"role": "user", "content": "Name a colour."}]]
@@ -52,12 +52,13 @@ def test_processor_equals_solver_policy_on_top_m_and_zero_elsewhere(models):
     logits = jax.random.normal(jax.random.key(0), (2, VOCAB)) * 3.0
     eos = tok.eos_token_ids[0]
     logits = logits.at[:, eos].set(10.0)  # EOS in the top-M so brevity is not a constant there
-    state = cage.init_cage_state(objs, _ctx(tok, CONVS), [2.0, 3.0], tau=0.5)
-    out = jax.jit(proc)(logits, _step(state, 2))
+    params, state = cage.init_cage(objs, _ctx(tok, CONVS), [2.0, 3.0], tau=0.5)
+    out, new_state = jax.jit(proc)(logits, _step(state, 2, params=params))
+    np.testing.assert_array_equal(new_state.unconverged, [0, 0])
     probs = np.asarray(jax.nn.softmax(out, axis=-1))
     cand_logits, cand_ids = jax.lax.top_k(logits, top_m)
-    q = jnp.stack([objs[0].values(state.objective_states[0], cand_ids, None),
-                   objs[1].values(state.objective_states[1], cand_ids, None)], axis=1)
+    q = jnp.stack([objs[0].values(params[0], state.objective_states[0], cand_ids, None),
+                   objs[1].values(params[1], state.objective_states[1], cand_ids, None)], axis=1)
     for r in range(2):
         res = solve_equilibrium(cand_logits[r], q[r], jnp.asarray([2.0, 3.0]), 0.5, config=SolverConfig(max_iters=100))
         assert bool(res.converged)
@@ -76,8 +77,8 @@ def test_zero_weights_give_base_top_m_distribution(models, method):
     objs = [cage.BrevityObjective(), cage.FormatObjective()]
     proc, _ = cage.make_processor(objs, method=method, top_m=10, vocab_size=VOCAB)
     logits = jax.random.normal(jax.random.key(1), (3, VOCAB)) * 2.0
-    state = cage.init_cage_state(objs, _ctx(base.tokenizer, CONVS[:1], 3), [0.0, 0.0], base_temperature=0.7)
-    probs = np.asarray(jax.nn.softmax(jax.jit(proc)(logits, _step(state, 3)), axis=-1))
+    params, state = cage.init_cage(objs, _ctx(base.tokenizer, CONVS[:1], 3), [0.0, 0.0], base_temperature=0.7)
+    probs = np.asarray(jax.nn.softmax(jax.jit(proc)(logits, _step(state, 3, params=params))[0], axis=-1))
     vals, ids = jax.lax.top_k(logits, 10)
     expect = np.zeros_like(probs)
     np.put_along_axis(expect, np.asarray(ids), np.asarray(jax.nn.softmax(vals / 0.7, axis=-1)), axis=1)
@@ -93,14 +94,14 @@ def test_brevity_mass_grows_with_weight_and_args_picks_reranked_argmax(models):
     proc = jax.jit(cage.make_processor(objs, method="cage", top_m=8, vocab_size=VOCAB)[0])
     masses = []
     for w in [0.0, 0.5, 1.0, 2.0, 4.0]:
-        st = cage.init_cage_state(objs, _ctx(tok, CONVS[:1]), [w])
-        masses.append(float(jax.nn.softmax(proc(logits, _step(st, 1)), axis=-1)[0, eos]))
+        params, st = cage.init_cage(objs, _ctx(tok, CONVS[:1]), [w])
+        masses.append(float(jax.nn.softmax(proc(logits, _step(st, 1, params=params))[0], axis=-1)[0, eos]))
     assert all(b > a for a, b in zip(masses, masses[1:])), masses
     args = jax.jit(cage.make_processor(objs, method="args", top_m=8, vocab_size=VOCAB)[0])
-    st = cage.init_cage_state(objs, _ctx(tok, CONVS[:1]), [0.0])
-    assert int(jnp.argmax(args(logits, _step(st, 1))[0])) == int(jnp.argmax(logits[0]))
-    st = cage.init_cage_state(objs, _ctx(tok, CONVS[:1]), [100.0])
-    out = args(logits, _step(st, 1))
+    params, st = cage.init_cage(objs, _ctx(tok, CONVS[:1]), [0.0])
+    assert int(jnp.argmax(args(logits, _step(st, 1, params=params))[0][0])) == int(jnp.argmax(logits[0]))
+    params, st = cage.init_cage(objs, _ctx(tok, CONVS[:1]), [100.0])
+    out, _ = args(logits, _step(st, 1, params=params))
     assert int(jnp.argmax(out[0])) == eos and int(jnp.sum(jnp.isfinite(out))) == 1
 
 
@@ -143,16 +144,16 @@ def test_weight_grid_rows_carry_their_own_weights(models, method):
 def test_format_automaton_tracks_phrase_across_tokens(models):
     tok = models[0].tokenizer
     obj = cage.FormatObjective(("####",))
-    state = obj.init_state(_ctx(tok, CONVS[:1]))
+    params, state = obj.init_params(_ctx(tok, CONVS[:1])), obj.init_state(_ctx(tok, CONVS[:1]))
     hash_id, one_id, x_id = tok.encode("#")[0], tok.encode("1")[0], tok.encode("x")[0]
     ids = jnp.asarray([[hash_id, x_id, one_id]])
     st = _step(None, 1)
-    np.testing.assert_allclose(np.asarray(obj.values(state, ids, st)), [[0.25, 0.0, 0.0]])
+    np.testing.assert_allclose(np.asarray(obj.values(params, state, ids, st)), [[0.25, 0.0, 0.0]])
     for _ in range(3):
-        state = obj.update(state, jnp.asarray([hash_id]), st)
-    np.testing.assert_allclose(np.asarray(obj.values(state, ids, st)), [[1.0, 0.0, 0.0]])
-    state = obj.update(state, jnp.asarray([hash_id]), st)  # completed: satisfied, Q = 0
-    np.testing.assert_allclose(np.asarray(obj.values(state, ids, st)), [[0.0, 0.0, 0.0]])
+        state = obj.update(params, state, jnp.asarray([hash_id]), st)
+    np.testing.assert_allclose(np.asarray(obj.values(params, state, ids, st)), [[1.0, 0.0, 0.0]])
+    state = obj.update(params, state, jnp.asarray([hash_id]), st)  # completed: satisfied, Q = 0
+    np.testing.assert_allclose(np.asarray(obj.values(params, state, ids, st)), [[0.0, 0.0, 0.0]])
     comps = [cage.Completion(0, [1], "so #### 42"), cage.Completion(0, [1], "#### no number")]
     np.testing.assert_allclose(obj.sequence_scores(comps, None), [1.0, 0.0])
 
@@ -165,17 +166,17 @@ def test_guide_lockstep_cache_matches_full_rescoring(models):
     tok = guide.tokenizer
     obj = cage.GuideObjective(guide, "Be brief.", "Be verbose.")
     ctx = _ctx(tok, CONVS, t=4)
-    state = obj.init_state(ctx)
+    params, state = obj.init_params(ctx), obj.init_state(ctx)
     generated = [[tok.encode("7")[0], tok.encode(".")[0]], [tok.encode("R")[0], tok.encode("e")[0]]]
     update = jax.jit(obj.update)
     for t in range(2):
-        state = update(state, jnp.asarray([g[t] for g in generated]), _step(None, 2, t))
+        state = update(params, state, jnp.asarray([g[t] for g in generated]), _step(None, 2, t))
     cands = jnp.asarray([[tok.encode(c)[0] for c in "ab1"]] * 2)
-    q = np.asarray(obj.values(state, cands, None))
+    q = np.asarray(obj.values(params, state, cands, None))
     for r in range(2):
         conts = [generated[r] + [int(c)] for c in cands[r]]
-        lp_o = score_continuations(guide, None, [tok.encode(obj._prompts([CONVS[r]], "objective")[0])], conts)
-        lp_n = score_continuations(guide, None, [tok.encode(obj._prompts([CONVS[r]], "neutral")[0])], conts)
+        lp_o = score_continuations(guide, None, [tok.encode(obj.prompts([CONVS[r]], "objective")[0])], conts)
+        lp_n = score_continuations(guide, None, [tok.encode(obj.prompts([CONVS[r]], "neutral")[0])], conts)
         expect = lp_o.token_logprobs[:, 2] - lp_n.token_logprobs[:, 2]
         np.testing.assert_allclose(q[r], expect, atol=2e-4)
     assert np.abs(q).max() > 1e-3  # the two prompts really differ
@@ -186,11 +187,11 @@ def test_bad_inputs_raise_named_errors(models, tmp_path, tiny_data_dir):
     objs = [cage.BrevityObjective(), cage.FormatObjective()]
     ctx = _ctx(base.tokenizer, CONVS)
     with pytest.raises(GameInputError, match="weights: 1 weight"):
-        cage.init_cage_state(objs, ctx, [1.0])
+        cage.init_cage(objs, ctx, [1.0])
     with pytest.raises(GameInputError, match="must be >= 0"):
-        cage.init_cage_state(objs, ctx, [1.0, -0.5])
+        cage.init_cage(objs, ctx, [1.0, -0.5])
     with pytest.raises(GameInputError, match="tau"):
-        cage.init_cage_state(objs, ctx, [1.0, 1.0], tau=0.0)
+        cage.init_cage(objs, ctx, [1.0, 1.0], tau=0.0)
     with pytest.raises(GameInputError, match="top_m: 97 candidate tokens is larger"):
         cage.make_processor(objs, top_m=97, vocab_size=VOCAB)
 
@@ -203,15 +204,80 @@ def test_bad_inputs_raise_named_errors(models, tmp_path, tiny_data_dir):
         ("name: x\nobjectives: [brevity, format]\nweights:\n  - [1.0, 0.0]\n  - [1.0]\n", ":5: weights.1: .*1 weight"),
         ("name: x\nobjectives: [brevity, format]\nweights:\n  - [1.0, -2.0]\n", ":4: weights.0: .*>= 0"),
         ("name: x\nobjectives: [brevity]\nweights: [[1.0]]\ntau: 0\n", ":4: tau: must be > 0"),
-        ("name: x\nobjectives: [brevity, speed]\nweights: [[1.0, 1.0]]\n", ":2: objectives.1: unknown objective"),
+        ("name: x\nobjectives: [brevity, speed]\nweights: [[1.0, 1.0]]\n",
+         ":2: objectives.1: unknown objective 'speed'; known: .*guide"),
+        ("name: x\nobjectives: [brevity]\nweights: [[1.0]]\nsolver_max_iters: 0\n", ":4: solver_max_iters: must be >= 1"),
     ]
     for text, pattern in cases:
         with pytest.raises(ConfigError, match=pattern):
-            cage.load_align_config(write(text))
-    config = cage.load_align_config(write("name: x\nobjectives: [brevity]\nweights: [[1.0]]\n"
-                                          f"top_m: 500\noutput_dir: {tmp_path}\ndata_dir: {tiny_data_dir}\n"))
+            cage.load_cage_config(write(text))
+    config = cage.load_cage_config(write("name: x\nobjectives: [brevity]\nweights: [[1.0]]\n"
+                                         f"top_m: 500\noutput_dir: {tmp_path}\ndata_dir: {tiny_data_dir}\n"))
     with pytest.raises(ConfigError, match=r"bad.yaml:4: top_m: 500 candidate tokens is larger than .* 96"):
-        cage.run_align(config, base=base, progress=False)
+        cage.run_cage(config, base=base, progress=False)
+
+
+def test_unconverged_solves_are_counted_per_active_row(models):
+    """A solve cut at max_iters=1 is counted in CageState.unconverged, exactly for the active rows whose
+    solver result says not converged; with the default cap every solve converges and nothing is counted."""
+    tok = models[0].tokenizer
+    objs = [cage.BrevityObjective(), cage.FormatObjective()]
+    rows, top_m = 4, 12
+    eos = tok.eos_token_ids[0]
+    logits = (jax.random.normal(jax.random.key(7), (rows, VOCAB)) * 4.0).at[:, eos].set(12.0)
+    params, state = cage.init_cage(objs, _ctx(tok, CONVS[:1], rows), [40.0, 60.0], tau=0.05)
+    cand_logits, cand_ids = jax.lax.top_k(logits, top_m)
+    q = jnp.stack([o.values(p, s, cand_ids, None) for o, p, s in zip(objs, params, state.objective_states)], axis=1)
+    done = jnp.asarray([False, False, True, False])
+    step = SamplerStepState(jnp.asarray(0, jnp.int32), jnp.zeros((rows, 8), jnp.int32),
+                            jnp.zeros((rows,), jnp.int32), done, state, params)
+    for max_iters in (1, 100):
+        proc, _ = cage.make_processor(objs, method="cage", top_m=top_m, vocab_size=VOCAB,
+                                      solver_config=SolverConfig(max_iters=max_iters))
+        _, new = jax.jit(proc)(logits, step)
+        solved = jax.vmap(lambda b, o, w: solve_equilibrium(b, o, w, 0.05, config=SolverConfig(max_iters=max_iters)))(
+            cand_logits, q, state.weights)
+        expect = (~np.asarray(solved.converged) & ~np.asarray(done)).astype(np.int32)
+        np.testing.assert_array_equal(new.unconverged, expect)
+        if max_iters == 1:
+            assert expect.sum() >= 2, "the test problem must be hard enough for one Newton step"
+        else:
+            assert expect.sum() == 0
+    # counts accumulate over a decode and come back from decode_with_method
+    sampler = Sampler(models[0])
+    proc1 = cage.make_processor(objs, method="cage", top_m=top_m, vocab_size=VOCAB,
+                                solver_config=SolverConfig(max_iters=1))
+    out = cage.decode_with_method(sampler, objs, {"cage": proc1}, CONVS, method="cage", weights=[40.0, 60.0],
+                                  key=jax.random.key(0), max_new_tokens=6, tau=0.05)
+    counts = np.asarray(out.processor_state["unconverged"])
+    assert counts.shape == (2,) and np.all(counts <= out.lengths.reshape(-1)) and counts.sum() > 0
+
+
+def test_guide_cache_is_donated_to_the_decode(models, monkeypatch):
+    """The processor state (with the guide's KV cache) is donated: after decoding, the buffers passed in
+    are deleted (updated in place, not held twice), while the guide's weights (params) stay alive."""
+    base, guide = models
+    sampler = Sampler(base)
+    objs = [cage.GuideObjective(guide, "Be brief.", "Be verbose."), cage.BrevityObjective()]
+    procs = {"cage": cage.make_processor(objs, method="cage", top_m=8, vocab_size=VOCAB)}
+    seen = []
+    real_init = cage.processor.init_cage
+
+    def spy(*args, **kwargs):
+        seen.append(real_init(*args, **kwargs))
+        return seen[-1]
+
+    monkeypatch.setattr(cage.processor, "init_cage", spy)
+    out = cage.decode_with_method(sampler, objs, procs, CONVS, method="cage", weights=[1.0, 1.0],
+                                  key=jax.random.key(1), max_new_tokens=4)
+    assert out.tokens.shape == (2, 1, 4)
+    (params, state), = seen
+    guide_state = state.objective_states[0]
+    cache_leaves = jax.tree.leaves(guide_state.decode.cache)
+    assert cache_leaves and all(x.is_deleted() for x in cache_leaves)
+    assert guide_state.logp.is_deleted() and state.weights.is_deleted()
+    assert not any(x.is_deleted() for x in jax.tree.leaves(params[0].model))
+    assert not any(x.is_deleted() for x in jax.tree.leaves(cage.GuideObjective(guide).sampler.state))
 
 
 def test_pareto_metrics_known_values():

@@ -8,44 +8,16 @@ import json
 import textwrap
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 
-from align_jax.config import ConfigError, config_from_dict
+from align_jax.config import ConfigError
 from align_jax.data.answers import extract_answer, is_correct
 from align_jax.methods import reason
-from tests.methods.conftest import QUESTIONS
+from tests.methods.conftest import LIMIT, QUESTIONS, tiny_config
 
 REPO = Path(__file__).resolve().parents[2]
-LIMIT = 4
-
-
-def tiny_config(checkpoint, data_dir, output_dir, **changes):
-    data = dict(
-        name="tiny",
-        data_dir=str(data_dir),
-        limit=LIMIT,
-        batch_questions=2,
-        seed=3,
-        output_dir=str(output_dir),
-        agents=[
-            dict(model=checkpoint, name="zs", temperature=1.0, top_p=0.9, num_samples=4, max_new_tokens=8),
-            dict(model=checkpoint, name="fs", prompt_style="few_shot_cot", num_fewshot=1, temperature=0.8,
-                 top_p=0.9, num_samples=3, max_new_tokens=8),
-        ],
-        principal=dict(type="oracle"),
-        game=dict(num_rounds=5),
-        debate=dict(rounds=1, max_chars=40),
-        bootstrap_samples=200,
-    )
-    data.update(changes)
-    return config_from_dict(reason.ReasonConfig, data)
-
-
-@pytest.fixture(scope="module")
-def full_run(tiny_checkpoint, tiny_data_dir, tiny_pool, tmp_path_factory):
-    config = tiny_config(tiny_checkpoint, tiny_data_dir, tmp_path_factory.mktemp("full"))
-    return config, reason.run_reason(config, progress=False, pool=tiny_pool)
 
 
 def _lines(path):
@@ -139,7 +111,11 @@ def test_interrupted_run_resumes_to_the_same_file(full_run, tiny_checkpoint, tin
 
     with pytest.raises(Crash):
         reason.run_reason(config, progress=False, pool=tiny_pool, on_question=crash_after_three)
-    assert len(_lines(reason.run_dir(config) / "results.jsonl")) == 3
+    # a window's rows go out in one append; a kill during that write leaves whole rows and a cut one
+    results = reason.run_dir(config) / "results.jsonl"
+    lines = results.read_text().splitlines(keepends=True)
+    assert len(lines) == 4
+    results.write_text("".join(lines[:3]) + lines[3][: len(lines[3]) // 2])
     resumed = reason.run_reason(config, progress=False, pool=tiny_pool,
                                  on_question=lambda row: written.append(row["question_id"]))
     assert written[3:] == [f"gsm8k/test/{LIMIT - 1}"]  # only the missing question was written
@@ -187,7 +163,9 @@ principal:
         ("data_dir: {data}", "data_dir: {empty}/nope", r"r\.yaml:\d+: data_dir: .*is not a directory"),
         ("agents:\n  - model: {model}\n    num_samples: 2\n", "agents: []\n",
          r"r\.yaml:5: agents: the agents list is empty"),
-        ("type: oracle", "type: dictator", r"r\.yaml:9: principal\.type: unknown principal type 'dictator'"),
+        ("type: oracle", "type: dictator", r"r\.yaml:9: principal\.type: unknown principal 'dictator'"),
+        ("limit: 2", "limit: 2\nmethods: [align, vibes]", r"r\.yaml:5: methods\.1: unknown method 'vibes'"),
+        ("limit: 2", "limit: 2\ncandidates:\n  type: tea_leaves", r"r\.yaml:6: candidates\.type: unknown candidate generator"),
         ("num_samples: 2", "num_samples: 0", r"r\.yaml:7: agents\.0\.num_samples: K must be >= 1"),
         ("num_samples: 2", "num_samples: 2\n    prompt_style: tot", r"r\.yaml:8: agents\.0\.prompt_style"),
         ("limit: 2", "limit: 2\nbatch_size: 3", r"r\.yaml:5: batch_size: unknown key"),
@@ -201,10 +179,9 @@ def test_bad_input_is_reported_with_file_line_and_field(tmp_path, tiny_checkpoin
     with pytest.raises(ConfigError, match=pattern):
         reason.load_reason_config(_write(tmp_path, text))
     # the same file through the CLI: exit status 2, nothing loaded
-    parser = argparse.ArgumentParser(prog="align-jax")
-    reason.add_reason_subcommand(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(["reason", str(tmp_path / "r.yaml"), "--quiet"])
-    assert args.func(args) == 2
+    from align_jax.cli import main
+
+    assert main(["reason", str(tmp_path / "r.yaml"), "--quiet"]) == 2
 
 
 def test_few_shot_needs_train_file(tmp_path, tiny_checkpoint):
@@ -240,123 +217,137 @@ def test_shipped_configs_load(name, tiny_data_dir, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------
-# Principal replay (align_jax.methods.replay): same candidates, another principal
+# Plug-in points of the reason pipeline, and the risks fixed with them
 # --------------------------------------------------------------------------------------
 
-COMMITTED = REPO / "docs" / "results" / "reason_gsm8k_100" / "seed0" / "results.jsonl"
+
+def _window(config, pool, start=0, count=2, key=None):
+    from align_jax.data import datasets as datasets_lib
+    from align_jax.methods.generators import make_generator
+    from align_jax.methods.principals import make_principal
+
+    problems = datasets_lib.load_dataset(config.dataset, config.split, config.data_dir, limit=start + count)[start:]
+    key = key if key is not None else jax.random.key(5)
+    principal = make_principal(config.principal, pool=pool, default_model=config.principal_model(), seed=config.seed)
+    return reason.build_window(config, reason._agent_specs(config), pool, problems, key,
+                               generator=make_generator(config.candidates), principal=principal)[0]
 
 
-def _committed_config(tiny_data_dir):
-    import yaml
+def test_every_registered_method_passes_the_conformance_test(tiny_checkpoint, tiny_data_dir, tiny_pool, tmp_path):
+    from align_jax.methods.reason_methods import REASON_METHODS, method_api_test
 
-    from align_jax.methods.reason import ReasonConfig
-
-    data = yaml.safe_load((REPO / "configs" / "reason_gsm8k_100.yaml").read_text())
-    data.update(data_dir=str(tiny_data_dir), output_dir=str(REPO / "docs" / "results"))
-    return config_from_dict(ReasonConfig, data)
-
-
-@pytest.mark.skipif(not COMMITTED.is_file(), reason="the committed GSM8K study is not in this checkout")
-def test_replaying_the_committed_verifier_scores_reproduces_every_recorded_pick(tiny_data_dir):
-    """The real Qwen study's rows hold everything the game needs: replaying them gives the same picks."""
-    from align_jax.methods import replay
-
-    config = _committed_config(tiny_data_dir)
-    rows = [json.loads(line) for line in COMMITTED.read_text().splitlines()]
-    result = replay.replay_principal(config, rows, replay.ReplayPrincipal("stored"))
-    for name in ("align", "best_of_n", "uniform_principal"):
-        recorded = np.array([row["methods"][name]["correct"] for row in rows])
-        np.testing.assert_allclose(result[name], recorded, atol=1e-6, err_msg=name)
-    recorded_corr = np.array([row["game"]["utility_correlation"] for row in rows])
-    np.testing.assert_allclose(result["utility_correlation"], recorded_corr, atol=1e-5)
-    # the oracle principal on the same real candidates: best-of-N reaches pass@k exactly
-    oracle = replay.replay_principal(config, rows, replay.ReplayPrincipal("oracle"))
-    np.testing.assert_array_equal(oracle["best_of_n"], [row["methods"]["pass@k"]["correct"] for row in rows])
+    config = tiny_config(tiny_checkpoint, tiny_data_dir, tmp_path)
+    window = _window(config, tiny_pool)
+    assert set(REASON_METHODS.names()) >= {"align", "best_of_n", "self_consistency", "greedy", "debate", "pass@k"}
+    for name in REASON_METHODS.names():
+        method_api_test(REASON_METHODS.get(name), window)
 
 
-def test_replay_principals_on_a_finished_run(full_run, tmp_path):
-    from align_jax.methods import replay
+def test_the_sampled_generator_passes_the_conformance_test(tiny_checkpoint, tiny_data_dir, tiny_pool, tmp_path):
+    from align_jax.methods.generators import CANDIDATE_GENERATORS, CandidateSection, generator_api_test, make_generator
 
-    config, report = full_run
-    rows = report.rows
-    pass_k = np.array([r["methods"]["pass@k"]["correct"] for r in rows])
-    oracle = replay.replay_principal(config, rows, replay.ReplayPrincipal("oracle"))
-    # the run's own principal is the oracle: the stored scores and the oracle give the same games
-    stored = replay.replay_principal(config, rows, replay.ReplayPrincipal("stored"))
-    for name in ("align", "best_of_n", "uniform_principal"):
-        np.testing.assert_allclose(stored[name], oracle[name], err_msg=name)
-        np.testing.assert_allclose(stored[name], [r["methods"][name]["correct"] for r in rows], err_msg=name)
-    np.testing.assert_array_equal(oracle["best_of_n"], pass_k)
-    # with the oracle, the principal's score of a pick is its correctness
-    np.testing.assert_allclose(oracle["align_score"], oracle["align"])
-    np.testing.assert_allclose(oracle["sc_pooled_score"], [r["methods"]["sc_pooled"]["correct"] for r in rows])
-    exact = replay.replay_principal(config, rows, replay.ReplayPrincipal("noisy_oracle", 0.0), noise_seeds=3)
-    inverted = replay.replay_principal(config, rows, replay.ReplayPrincipal("noisy_oracle", 1.0), noise_seeds=2)
-    for name in ("align", "best_of_n", "uniform_principal", "pairwise"):
-        np.testing.assert_allclose(exact[name], oracle[name], err_msg=name)
-    defined = np.isfinite(oracle["pairwise"])
-    assert np.all(oracle["pairwise"][defined] == 1.0) and np.all(inverted["pairwise"][defined] == 0.0)
-    # the inverted oracle's best-of-N is wrong whenever a question has a wrong slot
-    has_wrong = np.array([any(not s["correct"] for a in r["agents"] for s in a["slots"]) for r in rows])
-    assert np.all(inverted["best_of_n"][has_wrong] == 0.0)
-
-    out = replay.replay_run(config, replay.default_principals((0.0, 0.5)), noise_seeds=2, bootstrap_samples=100)
-    assert set(out["principals"]) == {"stored", "oracle", "noisy_oracle@0", "noisy_oracle@0.5"}
-    assert out["principals"]["stored"]["reproduces_run"] is True
-    by_agent = out["principals"]["stored"]["by_agent"]
-    assert [a["agent"] for a in by_agent] == ["zs", "fs"]
-    slots = [s for r in rows for s in r["agents"][1]["slots"]]
-    assert by_agent[1]["slots"] == len(slots)
-    assert by_agent[1]["slot_accuracy"] == pytest.approx(np.mean([s["correct"] for s in slots]))
-    assert out["reference"]["pass@k"]["mean"] == pytest.approx(pass_k.mean())
-    for name in ("replay.json", "replay.md", "replay.png"):
-        assert (report.directory / name).is_file(), name
-    assert "| oracle |" in (report.directory / "replay.md").read_text()
+    config = tiny_config(tiny_checkpoint, tiny_data_dir, tmp_path)
+    agents = reason._agent_specs(config)
+    for name in CANDIDATE_GENERATORS.names():
+        generator_api_test(make_generator(CandidateSection(type=name)), tiny_pool, agents,
+                           [q for q, _ in QUESTIONS[:3]], jax.random.key(2))
 
 
-def test_replay_reproduces_a_sampled_mode_noisy_oracle_run(tiny_checkpoint, tiny_data_dir, tiny_pool, tmp_path):
-    """Window keys and noise seeds match the run's: stored scores and the same noisy oracle replay exactly."""
-    from align_jax.methods import replay
-
-    # three agents with several distinct answers each, so the sampled submissions matter
-    agents = [dict(model=tiny_checkpoint, name=f"a{i}", temperature=1.5, top_p=1.0, num_samples=4, max_new_tokens=24)
-              for i in range(3)]
-    config = tiny_config(tiny_checkpoint, tiny_data_dir, tmp_path, greedy=False, debate=dict(rounds=0), agents=agents,
-                         limit=6, game=dict(num_rounds=5, mode="sampled"),
-                         principal=dict(type="noisy_oracle", flip_rate=0.4))
-    rows = reason.run_reason(config, progress=False, figures=False, pool=tiny_pool).rows
-    recorded = np.array([r["methods"]["align"]["correct"] for r in rows])
-    for principal in (replay.ReplayPrincipal("stored"), replay.ReplayPrincipal("noisy_oracle", 0.4)):
-        result = replay.replay_principal(config, rows, principal, noise_seeds=1)
-        np.testing.assert_array_equal(result["align"], recorded, err_msg=principal.label)
-        # the Nash gap depends on every sampled submission of every round
-        np.testing.assert_allclose(result["nash_gap"], [r["game"]["nash_gap"] for r in rows], rtol=1e-6,
-                                   err_msg=principal.label)
-        np.testing.assert_array_equal(result["best_of_n"], [r["methods"]["best_of_n"]["correct"] for r in rows])
+def test_a_method_list_selects_and_orders_the_table(tiny_checkpoint, tiny_data_dir, tiny_pool, tmp_path):
+    config = tiny_config(tiny_checkpoint, tiny_data_dir, tmp_path, limit=2, greedy=False,
+                         methods=["sc_pooled", "align", "debate", "self_consistency"])
+    report = reason.run_reason(config, progress=False, pool=tiny_pool, figures=False)
+    assert reason.method_names(config) == ["sc_pooled", "align", "debate", "sc/zs", "sc/fs"]
+    assert list(report.summary["methods"]) == reason.method_names(config)
+    assert all(sorted(r["methods"]) == sorted(reason.method_names(config)) for r in report.rows)
+    assert all(r["greedy"] is None and r["debate"] is not None for r in report.rows)
 
 
-def test_replay_bad_input(full_run, tmp_path, capsys):
-    from align_jax.methods import replay
+def test_a_row_does_not_depend_on_how_many_questions_share_its_window(tiny_checkpoint, tiny_data_dir, tiny_pool,
+                                                                        tmp_path):
+    # limit 3 leaves question 2 alone in window 1; limit 4 gives it a neighbour. Its sampling keys
+    # and (sampled-mode) game keys must not change: limit is not part of the settings hash.
+    # Two agents that share a sampler call (same model, K, budget and prompt style).
+    agents = [dict(model=tiny_checkpoint, name=f"zs{i}", temperature=0.7 + 0.3 * i, num_samples=3, max_new_tokens=6)
+              for i in range(2)]
+    rows = {}
+    for limit in (3, 4):
+        config = tiny_config(tiny_checkpoint, tiny_data_dir, tmp_path / f"limit{limit}", limit=limit, greedy=False,
+                             debate=dict(rounds=0), game=dict(num_rounds=5, mode="sampled"), agents=agents)
+        rows[limit] = reason.run_reason(config, progress=False, pool=tiny_pool, figures=False).rows
+    assert _strip_wall(rows[3][2]) == _strip_wall(rows[4][2])
 
-    config, report = full_run
-    with pytest.raises(ConfigError, match=r"no results file"):
-        replay.replay_run(dataclasses.replace(config, output_dir=str(tmp_path)))
-    broken = tmp_path / config.name / f"seed{config.seed}"
-    broken.mkdir(parents=True)
-    row = json.loads((report.directory / "results.jsonl").read_text().splitlines()[0])
-    del row["agents"][0]["slots"][0]["utility"]
-    (broken / "results.jsonl").write_text(json.dumps(row) + "\n")
-    with pytest.raises(ConfigError, match=r"results\.jsonl: question 'gsm8k/test/0': not a complete results row"):
-        replay.replay_run(dataclasses.replace(config, output_dir=str(tmp_path)), write=False)
-    with pytest.raises(ValueError, match="flip_rate"):
-        replay.ReplayPrincipal("noisy_oracle", 1.5)
-    import yaml
 
-    path = tmp_path / "cli.yaml"
-    path.write_text(yaml.safe_dump(dataclasses.asdict(config)))
-    from align_jax.cli import main
+def test_a_padded_slot_chosen_by_the_game_is_an_error_not_a_missing_answer():
+    from align_jax.game.types import GameConfig, GameParams
+    from align_jax.methods.align import play_window
+    from align_jax.methods.candidates import build_question_candidates, stack_candidate_sets
 
-    assert main(["replay", str(path), "--flip-rates", "0.2", "2"]) == 2
-    assert "--flip-rates: each rate must be in [0, 1]" in capsys.readouterr().err
-    assert main(["replay", str(path), "--flip-rates", "0.2", "--no-figures"]) == 0
-    assert "noisy_oracle@0.2" in capsys.readouterr().out
+    question = build_question_candidates([["x = 3", "x = 3"], ["x = 4"]])
+    candidates = stack_candidate_sets([question], [np.zeros((2, 2), np.float32)], [{}], num_slots=2)
+    # candidates that do not match the questions: agent 1's padded slot 1 made valid and best
+    bad = candidates._replace(valid=candidates.valid.at[0, 1, 1].set(True),
+                              agent_utility=candidates.agent_utility.at[0, 1, 1].set(1.0),
+                              principal_score=candidates.principal_score.at[0, 1, 1].set(5.0))
+    with pytest.raises(ValueError, match="padded slot"):
+        play_window(GameConfig(num_rounds=3), GameParams.create(0.1), bad, [question], jax.random.key(0))
+
+
+COMMITTED_DIR = REPO / "docs" / "results" / "reason_gsm8k_100" / "seed0"
+
+
+@pytest.mark.skipif(not (COMMITTED_DIR / "results.jsonl").is_file(), reason="no committed study in this checkout")
+def test_the_committed_study_resumes_and_reprints_without_recomputing(tmp_path):
+    """`align-jax reason configs/reason_gsm8k_100.yaml` on the committed rows loads no model, writes no
+    row and reprints the committed summary byte for byte."""
+    import shutil
+
+    from align_jax.data.datasets import DatasetError, resolve_data_dir
+
+    try:
+        resolve_data_dir(None)
+    except DatasetError:
+        pytest.skip("needs the GSM8K data directory ($ALIGN_JAX_DATA_DIR)")
+    config = dataclasses.replace(reason.load_reason_config(REPO / "configs" / "reason_gsm8k_100.yaml"),
+                                 output_dir=str(tmp_path))
+    target = reason.run_dir(config)
+    target.mkdir(parents=True)
+    shutil.copy(COMMITTED_DIR / "results.jsonl", target / "results.jsonl")
+
+    class NoModels:
+        def __getattr__(self, name):
+            raise AssertionError(f"a finished run used the model pool ({name})")
+
+    report = reason.run_reason(config, progress=False, figures=False, pool=NoModels())
+    assert len(report.rows) == 100
+    assert (target / "results.jsonl").read_bytes() == (COMMITTED_DIR / "results.jsonl").read_bytes()
+    assert (target / "summary.md").read_text() == (COMMITTED_DIR / "summary.md").read_text()
+    committed = json.loads((COMMITTED_DIR / "summary.json").read_text())
+    fresh = json.loads((target / "summary.json").read_text())
+    for summary in (committed, fresh):
+        summary.pop("run_wall_s")
+    assert fresh == committed
+
+
+def test_undecided_math_verify_checks_are_counted_in_rows_and_summary(tiny_checkpoint, tiny_data_dir, tiny_pool,
+                                                                      tmp_path, monkeypatch):
+    import math_verify
+
+    from align_jax.data import answers
+
+    def broken(*args, raise_on_error=False, **kwargs):
+        raise RuntimeError("math-verify broke")
+
+    monkeypatch.setattr(math_verify, "parse", broken)
+    real = reason.slot_correctness
+
+    def with_a_symbolic_check(question, gold):  # one check per question that only math-verify can decide
+        answers.is_correct("x^2 + 1", "y + 1")
+        return real(question, gold)
+
+    monkeypatch.setattr(reason, "slot_correctness", with_a_symbolic_check)
+    config = tiny_config(tiny_checkpoint, tiny_data_dir, tmp_path, limit=2, greedy=False, debate=dict(rounds=0))
+    report = reason.run_reason(config, progress=False, pool=tiny_pool, figures=False)
+    assert [row["math_verify_failures"] for row in report.rows] == [1, 1]
+    assert report.summary["math_verify_failures"] == 2
+    assert "math-verify could not decide 2 correctness checks" in (report.directory / "summary.md").read_text()

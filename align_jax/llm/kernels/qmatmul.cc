@@ -300,6 +300,10 @@ void fill_panel(const Problem& p, float* panel, int64_t n) {
     }
 }
 
+// Products of this many rows or more that take the AMX path split their rows between threads
+// (declared outside the AMX block: the row split reads it on every machine).
+constexpr int64_t kAmxSplitRows = 512;
+
 #if defined(__AMX_TILE__) && defined(__AMX_BF16__) && defined(__AVX512BF16__)
 // ---------------------------------------------------------------------------------------
 // bfloat16 mode on CPUs with AMX, computed transposed: y^T [16 n x 16 m] tiles +=
@@ -311,7 +315,6 @@ void fill_panel(const Problem& p, float* panel, int64_t n) {
 // tile is transposed once, when its K loop is done. Tiles: 0-3 the 2 x 2 outputs
 // (32 columns x 32 rows), 4-5 two weight tiles, 6-7 two x tiles.
 constexpr int kAmxRows = 16;  // the AMX path is used from this many rows of x
-constexpr int64_t kAmxSplitRows = 512;  // and its pieces split rows from this many
 
 bool amx_permitted() {
   static const bool ok = [] {

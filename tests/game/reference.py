@@ -15,7 +15,13 @@ to benchmark it:
 
 Both return a :class:`~align_jax.game.types.GameResult` whose leaves are NumPy
 arrays (same fields, shapes and meaning as the engine's; ``trajectory`` is
-filled when ``config.record_trajectory``).
+filled when ``config.record_trajectory``).  They implement the Hedge learner
+only, and only games in which every agent has a valid slot (the engine's
+abstaining agents are tested against the game without them instead).
+
+This is a test oracle: it lives under ``tests/`` (imported as
+``tests.game.reference`` by the tests and by ``experiments/bench_game.py``),
+not in the package.
 
 The game (see :mod:`align_jax.game.delegation`), per game with N agents and K
 slots, rounds ``t = 1..T``:
@@ -109,9 +115,17 @@ def _prepare(config, candidates, params, draws, key, validate=True):
         raise GameInputError(f"config must be a GameConfig, got {type(config).__name__}")
     if not isinstance(candidates, CandidateSet):
         raise GameInputError(f"expected a CandidateSet, got {type(candidates).__name__}")
+    if config.learner != "hedge":
+        raise GameInputError(f"the references implement the Hedge learner only, got {config.learner!r}", "learner")
     candidates = CandidateSet(*(np.asarray(x) for x in candidates))
     if validate:
         validate_candidates(candidates)
+        empty = ~candidates.valid.any(axis=-1)
+        if empty.any():
+            raise GameInputError(
+                f"the references need a valid slot for every agent; none at (question, agent) "
+                f"{tuple(int(i) for i in np.argwhere(empty)[0])}"
+            )
     single = candidates.valid.ndim == 2
     if single:
         candidates = CandidateSet(*(x[None] for x in candidates))
