@@ -16,7 +16,7 @@ import functools
 import os
 import types
 import typing
-from typing import Any, Optional, Union
+from typing import Any, Union
 
 import yaml
 

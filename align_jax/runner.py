@@ -38,6 +38,8 @@ __all__ = [
     "run_dir",
     "settings_hash",
     "non_default_settings",
+    "ADDED_FIELD",
+    "stable_asdict",
     "run_units",
     "progress_bar",
     "write_csv",
@@ -100,6 +102,21 @@ def settings_hash(config: Any, exclude: Iterable[str] = (), length: int = 16) ->
     """
     blob = json.dumps(non_default_settings(config, exclude), sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:length]
+
+
+ADDED_FIELD = {"added_field": True}
+"""``dataclasses.field(metadata=ADDED_FIELD)`` marks a config field added after results keyed on
+the full field set (simulate's grid-point ids, which also seed the point's games) were made:
+:func:`stable_asdict` leaves it out at its default, so those ids, and the numbers, do not move."""
+
+
+def stable_asdict(config: Any) -> dict:
+    """``dataclasses.asdict(config)`` without the :data:`ADDED_FIELD` fields that are at their default."""
+    out = dataclasses.asdict(config)
+    for field in dataclasses.fields(config):
+        if field.metadata.get("added_field") and getattr(config, field.name) == _default_of(field):
+            out.pop(field.name)
+    return out
 
 
 class Unit(NamedTuple):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 from align_jax.game.types import GameConfig, GameParams
+from align_jax.runner import ADDED_FIELD
 
 __all__ = ["GameSection"]
 
@@ -22,7 +23,7 @@ class GameSection:
     schedule: str = "constant"
     step_size: float = 0.1
     early_stop_tol: float = 0.0
-    learner: str = "hedge"
+    learner: str = dataclasses.field(default="hedge", metadata=ADDED_FIELD)
 
     def __post_init__(self):
         self.game_config(record_trajectory=False)

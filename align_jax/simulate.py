@@ -154,11 +154,14 @@ def sweep_points(config: SimulateConfig) -> list[dict]:
 
 
 def _point_id(config: SimulateConfig, point: dict) -> str:
+    """The grid point's id; it also seeds the point's games (``fold_in(key(seed), id)``), so it
+    must not move when a section gains a field: fields marked :data:`runner.ADDED_FIELD` are left
+    out at their default."""
     game, scenario = _sections(config, point)
     blob = json.dumps(
         {
-            "game": dataclasses.asdict(game),
-            "scenario": dataclasses.asdict(scenario),
+            "game": runner.stable_asdict(game),
+            "scenario": runner.stable_asdict(scenario),
             "n": config.scenarios_per_point,
             "seed": config.seed,
             "trajectory": config.trajectory,

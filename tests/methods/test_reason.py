@@ -229,7 +229,7 @@ def _window(config, pool, start=0, count=2, key=None):
     problems = datasets_lib.load_dataset(config.dataset, config.split, config.data_dir, limit=start + count)[start:]
     key = key if key is not None else jax.random.key(5)
     principal = make_principal(config.principal, pool=pool, default_model=config.principal_model(), seed=config.seed)
-    return reason.build_window(config, reason._agent_specs(config), pool, problems, key,
+    return reason.build_window(config, reason.agent_specs(config), pool, problems, key,
                                generator=make_generator(config.candidates), principal=principal)[0]
 
 
@@ -247,7 +247,7 @@ def test_the_sampled_generator_passes_the_conformance_test(tiny_checkpoint, tiny
     from align_jax.methods.generators import CANDIDATE_GENERATORS, CandidateSection, generator_api_test, make_generator
 
     config = tiny_config(tiny_checkpoint, tiny_data_dir, tmp_path)
-    agents = reason._agent_specs(config)
+    agents = reason.agent_specs(config)
     for name in CANDIDATE_GENERATORS.names():
         generator_api_test(make_generator(CandidateSection(type=name)), tiny_pool, agents,
                            [q for q, _ in QUESTIONS[:3]], jax.random.key(2))
