@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from align_jax.llm import decoding
 from align_jax.llm import sampler as sampler_lib
 from align_jax.methods.cage.objectives import OBJECTIVES, Objective, token_texts
 
@@ -77,7 +78,7 @@ class GuideState(NamedTuple):
       logp: float32 ``[R, 2, Vg]`` guide log-probs of the next token in each context.
     """
 
-    decode: sampler_lib.DecodeState
+    decode: decoding.DecodeState
     logp: jax.Array
 
 
@@ -186,7 +187,7 @@ class GuideObjective(Objective):
         rows = ctx.num_rows
         prompt_of_row = np.repeat(np.arange(num_prompts), ctx.num_samples)  # [R]
         order = (2 * prompt_of_row[:, None] + np.arange(2)[None, :]).reshape(-1)  # [2R]
-        state = sampler_lib.gather(state, order)
+        state = decoding.gather(state, order)
         logp = jax.nn.log_softmax(jnp.take(logits, jnp.asarray(order), axis=0), axis=-1)
         return GuideState(_split_rows(state, rows), logp.reshape(rows, 2, -1))
 
@@ -207,7 +208,7 @@ class GuideObjective(Objective):
         count = jnp.where(step.done, 0, jnp.take(params.map_len, tokens, axis=0))  # [R]
         seq = jnp.repeat(seq, 2, axis=0)  # [2R, L], row 2 r + side
         count = jnp.repeat(count, 2, axis=0)  # [2R]
-        logits, decode = sampler_lib.step(self.graphdef, params.model, _merge_rows(state.decode), seq, count)
+        logits, decode = decoding.step(self.graphdef, params.model, _merge_rows(state.decode), seq, count)
         logp = jnp.where((count > 0)[:, None], jax.nn.log_softmax(logits, axis=-1), _merge_rows(state.logp))
         return GuideState(_split_rows(decode, rows), logp.reshape(rows, 2, -1))
 
