@@ -43,7 +43,13 @@ import numpy as np
 
 from align_jax.game import diagnostics
 from align_jax.game.learner import make_learner
-from align_jax.game.ranking import ranking_feedback, submission_feedback
+from align_jax.game.ranking import (
+    ranking_feedback,
+    resolve_feedback,
+    score_order,
+    sorted_ranking_feedback,
+    submission_feedback,
+)
 from align_jax.game.types import (
     CandidateSet,
     GameConfig,
@@ -68,7 +74,11 @@ class _Carry(NamedTuple):
 
 
 def round_rewards(
-    candidates: CandidateSet, policy: jax.Array, mode: str, key: Optional[jax.Array]
+    candidates: CandidateSet,
+    policy: jax.Array,
+    mode: str,
+    key: Optional[jax.Array],
+    feedback: Any = "auto",
 ) -> jax.Array:
     """Counterfactual round rewards ``r_t^i(k) = u_i(k) f(k; a_t^{-i})`` ``[N, K]``.
 
@@ -78,6 +88,10 @@ def round_rewards(
       mode: ``"expected"`` (feedback averaged over ``pi_t^{-i}``) or
         ``"sampled"`` (one submission per agent drawn with ``key``).
       key: PRNG key, consumed in sampled mode; ignored otherwise.
+      feedback: expected mode's feedback implementation: ``"dense"``,
+        ``"sorted"``, ``"auto"`` or a prepared ``policy -> E f`` function
+        (:func:`align_jax.game.ranking.expected_feedback_fn`; the round loop
+        prepares one per game so the sorted form sorts once).
 
     An agent with no valid slot (zero policy row) takes no part in the ranking.
     """
@@ -88,7 +102,10 @@ def round_rewards(
         draws = jax.vmap(jax.random.categorical)(keys, logits)
         feedback = submission_feedback(candidates.principal_score, draws, present)
     else:
-        feedback = ranking_feedback(candidates.principal_score, policy, present)
+        if callable(feedback):
+            feedback = feedback(policy)
+        else:
+            feedback = ranking_feedback(candidates.principal_score, policy, present, method=feedback)
     return jnp.where(candidates.valid, candidates.agent_utility * feedback, 0.0)
 
 
@@ -128,6 +145,14 @@ def play_game(
     n, k = valid.shape
     learner = make_learner(config.learner, params.step_size, config.schedule)
     masked = config.early_stop_tol > 0
+    # Per-game work of the expected feedback (the ranking of the scores), once for all rounds.
+    if resolve_feedback(config.feedback, n, k) == "sorted":
+        order = score_order(candidates.principal_score)
+        feedback = lambda policy: sorted_ranking_feedback(order, policy, present)  # noqa: E731
+        game_baselines = diagnostics.baselines(candidates, order)
+    else:
+        feedback = lambda policy: ranking_feedback(candidates.principal_score, policy, present)  # noqa: E731
+        game_baselines = diagnostics.baselines(candidates, "dense")
 
     def mean_over_present(x):  # x [N]
         return jnp.sum(jnp.where(present, x, 0.0)) / jnp.maximum(num_present, 1.0)
@@ -140,7 +165,7 @@ def play_game(
     def one_round(carry: _Carry, t):
         t_float = t.astype(jnp.float32)
         policy = learner.policy(carry.learner, valid, t_float)
-        reward = round_rewards(candidates, policy, config.mode, jax.random.fold_in(key, t))
+        reward = round_rewards(candidates, policy, config.mode, jax.random.fold_in(key, t), feedback)
         played = jnp.sum(policy * reward, axis=-1)
         updated = learner.update(carry.learner, reward, valid, t_float)
         if masked:
@@ -164,7 +189,7 @@ def play_game(
         record = Trajectory(
             regret=_regret(valid, present, new.cum_reward, new.cum_played),
             regret_bound=bound(new.learner, new.rounds),
-            nash_gap=diagnostics.nash_gap(candidates, average),
+            nash_gap=diagnostics.nash_gap(candidates, average, feedback),
             policy=policy,
             active=carry.active,
         )
@@ -187,7 +212,7 @@ def play_game(
     submission = jnp.where(present, tolerant_argmax(jnp.where(valid, average, -1.0)), -1)
     chosen_agent, align_outcome = diagnostics.principal_pick(candidates, submission)
     chosen_answer = candidates.answer_id[chosen_agent, submission[chosen_agent]]
-    gains = diagnostics.deviation_gain(candidates, average)
+    gains = diagnostics.deviation_gain(candidates, average, feedback)
     return GameResult(
         average_policy=average,
         final_policy=learner.policy(final.learner, valid, final.rounds.astype(jnp.float32) + 1.0),
@@ -195,7 +220,7 @@ def play_game(
         chosen_agent=chosen_agent,
         chosen_answer=jnp.where(chosen_agent >= 0, chosen_answer, -1),
         align=align_outcome,
-        baselines=diagnostics.baselines(candidates),
+        baselines=game_baselines,
         rounds_played=final.rounds,
         regret=_regret(valid, present, final.cum_reward, final.cum_played),
         regret_bound=bound(final.learner, final.rounds),

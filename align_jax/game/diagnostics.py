@@ -21,10 +21,18 @@ on the host.
 
 from __future__ import annotations
 
+from typing import Callable, Union
+
 import jax
 import jax.numpy as jnp
 
-from align_jax.game.ranking import ranking_feedback
+from align_jax.game.ranking import (
+    ScoreOrder,
+    exclusive_prefix_sum,
+    expected_feedback_fn,
+    resolve_feedback,
+    score_order,
+)
 from align_jax.game.types import Baselines, CandidateSet, Outcome
 
 __all__ = [
@@ -41,24 +49,41 @@ __all__ = [
 ]
 
 
-def slot_payoff(candidates: CandidateSet, profile: jax.Array) -> jax.Array:
-    """``U_i(k; pi_{-i}) = u_i(k) E f(k; pi_{-i})`` ``[N, K]`` (zero off valid slots)."""
+Feedback = Union[str, Callable[[jax.Array], jax.Array]]
+
+
+def _feedback_fn(candidates: CandidateSet, feedback: Feedback):
+    if callable(feedback):
+        return feedback
     present = jnp.any(candidates.valid, axis=-1)
-    feedback = ranking_feedback(candidates.principal_score, profile, present)
-    return jnp.where(candidates.valid, candidates.agent_utility * feedback, 0.0)
+    return expected_feedback_fn(candidates.principal_score, present, feedback)
 
 
-def deviation_gain(candidates: CandidateSet, profile: jax.Array) -> jax.Array:
-    """Each agent's best unilateral gain ``g_i >= 0`` at ``profile`` ``[N]``."""
-    payoff = slot_payoff(candidates, profile)
+def slot_payoff(candidates: CandidateSet, profile: jax.Array, feedback: Feedback = "auto") -> jax.Array:
+    """``U_i(k; pi_{-i}) = u_i(k) E f(k; pi_{-i})`` ``[N, K]`` (zero off valid slots).
+
+    Args:
+      feedback: the expected-feedback implementation, ``"dense"``,
+        ``"sorted"`` or ``"auto"`` (see :mod:`align_jax.game.ranking`), or a
+        prepared ``policy -> E f`` function
+        (:func:`align_jax.game.ranking.expected_feedback_fn`, which sorts the
+        scores once for many profiles).
+    """
+    fb = _feedback_fn(candidates, feedback)(profile)
+    return jnp.where(candidates.valid, candidates.agent_utility * fb, 0.0)
+
+
+def deviation_gain(candidates: CandidateSet, profile: jax.Array, feedback: Feedback = "auto") -> jax.Array:
+    """Each agent's best unilateral gain ``g_i >= 0`` at ``profile`` ``[N]`` (``feedback`` as in :func:`slot_payoff`)."""
+    payoff = slot_payoff(candidates, profile, feedback)
     best = jnp.max(jnp.where(candidates.valid, payoff, -jnp.inf), axis=-1)
     current = jnp.sum(profile * payoff, axis=-1)
     return jnp.maximum(best - current, 0.0)
 
 
-def nash_gap(candidates: CandidateSet, profile: jax.Array) -> jax.Array:
-    """``max_i g_i`` at ``profile`` (a scalar)."""
-    return jnp.max(deviation_gain(candidates, profile))
+def nash_gap(candidates: CandidateSet, profile: jax.Array, feedback: Feedback = "auto") -> jax.Array:
+    """``max_i g_i`` at ``profile`` (a scalar; ``feedback`` as in :func:`slot_payoff`)."""
+    return jnp.max(deviation_gain(candidates, profile, feedback))
 
 
 def pareto_mask(candidates: CandidateSet) -> jax.Array:
@@ -130,18 +155,54 @@ def _pooled_utility(candidates: CandidateSet, same: jax.Array) -> jax.Array:
     return jnp.mean(best, axis=-1)
 
 
-def fair_single_agent(candidates: CandidateSet) -> Outcome:
+def _pooled_utility_sorted(candidates: CandidateSet):
+    """:func:`pooled_utility` in ``O(N K log(N K))`` by sorting the answer ids.
+
+    Returns ``(pooled [N, K], count_tied)`` with ``count_tied(mask)`` the number
+    of ``mask`` slots carrying each slot's answer ``[N, K]``.
+    """
+    n, k = candidates.valid.shape
+    m = n * k
+    ids = candidates.answer_id.reshape(m)
+    order = jnp.argsort(ids, stable=True)  # by (answer, agent): the flat index is agent-major
+    rank = jnp.zeros((m,), jnp.int32).at[order].set(jnp.arange(m, dtype=jnp.int32))
+    sorted_ids, agent = ids[order], (order // k).astype(jnp.int32)
+    utility = jnp.where(candidates.valid.reshape(m), candidates.agent_utility.reshape(m), 0.0)[order]
+    first = jnp.ones((1,), bool)
+    new_answer = jnp.concatenate([first, sorted_ids[1:] != sorted_ids[:-1]])
+    new_pair = new_answer | jnp.concatenate([first, agent[1:] != agent[:-1]])
+    answer_seg = jnp.cumsum(new_answer.astype(jnp.int32)) - 1
+    pair_seg = jnp.cumsum(new_pair.astype(jnp.int32)) - 1
+    pair_best = jax.ops.segment_max(utility, pair_seg, num_segments=m)  # best slot per (answer, agent)
+    pair_answer = jnp.full((m,), m, jnp.int32).at[pair_seg].set(answer_seg)  # unused pairs -> dropped
+    total = jax.ops.segment_sum(jnp.maximum(pair_best, 0.0), pair_answer, num_segments=m)
+    pooled = (total[answer_seg] / n)[rank].reshape(n, k)
+
+    def count_tied(mask):
+        per_answer = jax.ops.segment_sum(mask.reshape(m)[order].astype(jnp.int32), answer_seg, num_segments=m)
+        return per_answer[answer_seg][rank].reshape(n, k)
+
+    return pooled, count_tied
+
+
+def fair_single_agent(candidates: CandidateSet, sorted_by_answer: bool = False) -> Outcome:
     """One agent with all pooled candidates picks the answer of highest pooled utility.
 
     Ties between answers are broken uniformly, and the submitted slot is
     uniform among the slots carrying the chosen answer; the result is the
-    exact expectation.
+    exact expectation.  ``sorted_by_answer`` computes it by sorting the answer
+    ids (``O(N K log(N K))``) instead of the ``[N, K, N, K]`` comparison.
     """
-    same = _same_answer(candidates.answer_id)
-    pooled = jnp.where(candidates.valid, _pooled_utility(candidates, same), -jnp.inf)
+    n, k = candidates.valid.shape
+    if sorted_by_answer:
+        pooled, count_tied = _pooled_utility_sorted(candidates)
+    else:
+        same = _same_answer(candidates.answer_id)
+        pooled = _pooled_utility(candidates, same)
+        count_tied = lambda tied: jnp.sum(same & tied[None, None, :, :], axis=(-2, -1))  # noqa: E731
+    pooled = jnp.where(candidates.valid, pooled, -jnp.inf)
     tied = candidates.valid & (pooled == jnp.max(pooled))
-    slots_of_answer = jnp.sum(same & tied[None, None, :, :], axis=(-2, -1))
-    slots_of_answer = jnp.where(tied, slots_of_answer, 1)
+    slots_of_answer = jnp.where(tied, count_tied(tied), 1)
     num_answers = jnp.sum(jnp.where(tied, 1.0 / slots_of_answer, 0.0))
     weight = jnp.where(tied, 1.0 / (slots_of_answer * num_answers), 0.0)
     return _expected_outcome(candidates, weight)
@@ -159,22 +220,37 @@ def random_candidate(candidates: CandidateSet) -> Outcome:
     return _expected_outcome(candidates, candidates.valid.astype(jnp.float32))
 
 
-def uniform_principal(candidates: CandidateSet) -> Outcome:
+def uniform_principal(candidates: CandidateSet, order: ScoreOrder | None = None) -> Outcome:
     """Uniform random submissions, the principal picks the top score (expectation).
 
     Slot ``(i, k)`` is picked with probability
     ``(1/K_i) prod_{j<i} P(s_j < s_i(k)) prod_{j>i} P(s_j <= s_i(k))``
     (the principal breaks ties toward the lower agent index; the product runs
     over the agents with a valid slot).
+
+    With ``order`` (:func:`align_jax.game.ranking.score_order` of the scores)
+    the probabilities come from per-agent prefix counts in score order,
+    ``O(N^2 K)`` instead of ``O(N^2 K^2)``.
     """
     s, valid = candidates.principal_score, candidates.valid
-    n = s.shape[0]
+    n, k = s.shape
     num_valid = jnp.sum(valid, axis=-1, keepdims=True)
     uniform = valid / jnp.maximum(num_valid, 1)
-    query = s[:, :, None, None]
-    other = s[None, None, :, :]
-    p_less = jnp.einsum("ikjl,jl->ikj", (other < query).astype(jnp.float32), uniform)
-    p_leq = jnp.einsum("ikjl,jl->ikj", (other <= query).astype(jnp.float32), uniform)
+    if order is None:
+        query = s[:, :, None, None]
+        other = s[None, None, :, :]
+        p_less = jnp.einsum("ikjl,jl->ikj", (other < query).astype(jnp.float32), uniform)
+        p_leq = jnp.einsum("ikjl,jl->ikj", (other <= query).astype(jnp.float32), uniform)
+    else:
+        # counts[r, j]: agent j's valid slots among the r highest scores.
+        ranked = order.gather[: n * k]
+        held = ((ranked // k)[:, None] == jnp.arange(n)[None, :]) & valid.reshape(n * k)[ranked][:, None]
+        counts = exclusive_prefix_sum(held.astype(jnp.float32))  # [M + 1, N]
+        greater, at_least = counts[order.bounds[0]], counts[order.bounds[1]]  # [N, K, N]
+        total = num_valid[:, 0].astype(jnp.float32)
+        scale = 1.0 / jnp.maximum(total, 1.0)
+        p_less = (total - at_least) * scale
+        p_leq = (total - greater) * scale
     agent = jnp.arange(n)
     lower = agent[None, :] < agent[:, None]  # [i, j]: j < i
     higher = agent[None, :] > agent[:, None]
@@ -187,11 +263,22 @@ def uniform_principal(candidates: CandidateSet) -> Outcome:
     )
 
 
-def baselines(candidates: CandidateSet) -> Baselines:
-    """All reference rules of :class:`align_jax.game.types.Baselines` for one game."""
+def baselines(candidates: CandidateSet, feedback: Union[str, ScoreOrder] = "auto") -> Baselines:
+    """All reference rules of :class:`align_jax.game.types.Baselines` for one game.
+
+    Args:
+      feedback: ``"dense"`` (``[N, K, N, K]`` comparisons), ``"sorted"``
+        (sorts: ``O(N^2 K + N K log(N K))``), ``"auto"`` (by shape, as the
+        ranking feedback), or the game's precomputed
+        :class:`~align_jax.game.ranking.ScoreOrder` (sorted, reusing it).
+    """
+    n, k = candidates.valid.shape
+    order = feedback if isinstance(feedback, ScoreOrder) else None
+    if order is None and resolve_feedback(feedback, n, k) == "sorted":
+        order = score_order(candidates.principal_score)
     return Baselines(
-        fair_single=fair_single_agent(candidates),
+        fair_single=fair_single_agent(candidates, sorted_by_answer=order is not None),
         oracle=oracle(candidates),
         random=random_candidate(candidates),
-        uniform_principal=uniform_principal(candidates),
+        uniform_principal=uniform_principal(candidates, order),
     )

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from align_jax.game.learner import LEARNERS
+from align_jax.game.ranking import FEEDBACK_METHODS
 from align_jax.registry import UnknownNameError
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
 
 MODES = ("expected", "sampled")
 SCHEDULES = ("constant", "anytime")
+FEEDBACKS = FEEDBACK_METHODS
 
 
 class GameInputError(ValueError):
@@ -228,6 +230,12 @@ class GameConfig:
       learner: the agents' online learner, a name registered in
         :data:`align_jax.game.learner.LEARNERS` (``"hedge"``,
         ``"regret_matching_plus"``, ...).
+      feedback: implementation of the expected ranking feedback (expected
+        mode's rounds and every mode's Nash gap): ``"dense"`` (the
+        ``[N, K, N, K]`` comparison, ``O(N^2 K^2)`` a round), ``"sorted"``
+        (scores sorted once per game, ``O(N K)`` a round) or ``"auto"`` (by
+        shape, :func:`align_jax.game.ranking.resolve_feedback`).  Equal
+        results up to float32 rounding.
     """
 
     num_rounds: int = 20
@@ -236,6 +244,7 @@ class GameConfig:
     early_stop_tol: float = 0.0
     record_trajectory: bool = False
     learner: str = "hedge"
+    feedback: str = "auto"
 
     def __post_init__(self):
         if not isinstance(self.num_rounds, (int, np.integer)) or self.num_rounds < 1:
@@ -255,6 +264,10 @@ class GameConfig:
         if not np.isfinite(tol) or tol < 0:
             raise GameInputError(
                 f"GameConfig.early_stop_tol must be >= 0, got {self.early_stop_tol!r}", "early_stop_tol"
+            )
+        if self.feedback not in FEEDBACKS:
+            raise GameInputError(
+                f"GameConfig.feedback must be one of {FEEDBACKS}, got {self.feedback!r}", "feedback"
             )
         try:
             LEARNERS.get(self.learner, field="learner")
