@@ -35,6 +35,18 @@ Usage::
     python experiments/bench_game.py                      # N=3, K=16, T=20, 2^10..2^20
     python experiments/bench_game.py --quick              # a short smoke run
     python experiments/bench_game.py --mode sampled --out bench.json
+    python experiments/bench_game.py --feedback sorted     # the engine with the sorted feedback
+    python experiments/bench_game.py --compare-feedback    # dense vs sorted: N=3,K=16 and an N x K grid
+
+``--feedback`` selects ``GameConfig.feedback`` for the engine (``dense``: the
+``[N, K, N, K]`` comparison, today's engine before the sorted form;
+``sorted``: scores ranked once per game, ``O(N K)`` per round; ``auto``: by
+shape).  ``--compare-feedback`` instead times the engine alone with both
+implementations on N=3, K=16 and on the grid ``--grid-agents`` x
+``--grid-candidates`` (T=``--rounds``), reporting game-rounds/s, compile time
+(first call minus a steady call), XLA's compiled temp memory per chunk, the
+process's peak RSS, and the fitted growth exponent ``b`` of the cost per
+game-round ``~ (N K)^b`` of each implementation.
 """
 
 from __future__ import annotations
@@ -135,6 +147,91 @@ def agreement(engine, other, count: int) -> dict:
     }
 
 
+def _grid_games(n: int, k: int, budget: int) -> int:
+    """Games per grid point: bounded so the dense engine (~(N K)^2 a round) stays a few seconds."""
+    return int(np.clip(budget // (n * k) ** 2, 64, 4096))
+
+
+def compare_feedback(args, console) -> dict:
+    """Dense vs sorted expected feedback: game-rounds/s, compile s, memory, growth exponent."""
+    from rich.table import Table
+
+    key = jax.random.PRNGKey(args.seed)
+    t = args.rounds
+    points = [(3, 16, 2**args.chunk_log2)]
+    points += [(n, k, None) for n in args.grid_agents for k in args.grid_candidates if (n, k) != (3, 16)]
+    rows = []
+    for n, k, q in points:
+        q = q or _grid_games(n, k, args.grid_budget)
+        games = jax.tree.map(jnp.asarray, synthetic_games(q, n, k, args.seed))
+        keys = jax.random.split(key, q)
+        params = GameParams(step_size=jnp.full((q,), args.step_size, jnp.float32))
+        row = {"N": n, "K": k, "NK": n * k, "T": t, "games": q}
+        results = {}
+        for feedback in ("dense", "sorted"):
+            config = GameConfig(num_rounds=t, mode=args.mode, schedule=args.schedule, feedback=feedback)
+            run = lambda: delegation._play_batch(config, games, keys, params)  # noqa: E731
+            start = time.perf_counter()
+            jax.block_until_ready(run())
+            first = time.perf_counter() - start
+            size = delegation._play_batch._cache_size()
+            wall, cpu, results[feedback] = timed(run, args.repeats)
+            assert delegation._play_batch._cache_size() == size, "retraced on a second call"
+            compiled = delegation._play_batch.lower(config, games, keys, params).compile()
+            row[feedback] = {
+                "game_rounds_per_s": q * t / wall,
+                "wall_s": wall,
+                "cpu_s": cpu,
+                "us_per_game_round": wall / (q * t) * 1e6,
+                "compile_s": max(first - wall, 0.0),
+                "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
+                "peak_rss_mib": peak_rss_mib(),
+            }
+        row["speedup"] = row["sorted"]["game_rounds_per_s"] / row["dense"]["game_rounds_per_s"]
+        row["max_abs_diff_average_policy"] = float(
+            np.max(np.abs(np.asarray(results["dense"].average_policy) - np.asarray(results["sorted"].average_policy)))
+        )
+        row["max_abs_diff_nash_gap"] = float(
+            np.max(np.abs(np.asarray(results["dense"].nash_gap) - np.asarray(results["sorted"].nash_gap)))
+        )
+        rows.append(row)
+        console.print(
+            f"N={n} K={k} ({q} games): dense {row['dense']['game_rounds_per_s']:,.0f}/s, "
+            f"sorted {row['sorted']['game_rounds_per_s']:,.0f}/s (x{row['speedup']:.2f}), "
+            f"temp MiB {row['dense']['temp_mib']:.1f} / {row['sorted']['temp_mib']:.1f}, RSS {peak_rss_mib():.0f} MiB"
+        )
+        del results
+
+    def exponent(feedback, min_slots=1):
+        pts = [(r["NK"], r[feedback]["us_per_game_round"]) for r in rows if r["NK"] >= min_slots]
+        x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
+        return float(np.polyfit(x, y, 1)[0]) if len(pts) >= 2 else None
+
+    fits = {
+        f"{fb}{'' if lo == 1 else f'_NK>={lo}'}": exponent(fb, lo) for fb in ("dense", "sorted") for lo in (1, 64)
+    }
+    table = Table(title=f"expected feedback, dense vs sorted: game-rounds/s (wall), T={t}, {args.mode}")
+    for col in ("N", "K", "NK", "games", "dense /s", "sorted /s", "sorted/dense", "compile s d/s",
+                "temp MiB d/s", "us/game-round d/s", "max|diff|"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        d, so = r["dense"], r["sorted"]
+        table.add_row(
+            str(r["N"]), str(r["K"]), str(r["NK"]), str(r["games"]),
+            f"{d['game_rounds_per_s']:,.0f}", f"{so['game_rounds_per_s']:,.0f}", f"{r['speedup']:.2f}x",
+            f"{d['compile_s']:.1f}/{so['compile_s']:.1f}", f"{d['temp_mib']:.1f}/{so['temp_mib']:.1f}",
+            f"{d['us_per_game_round']:.2f}/{so['us_per_game_round']:.2f}",
+            f"{max(r['max_abs_diff_average_policy'], r['max_abs_diff_nash_gap']):.1e}",
+        )
+    console.print(table)
+    console.print(
+        "fitted exponent b of cost per game-round ~ (N K)^b: "
+        + ", ".join(f"{name} {b:.2f}" for name, b in fits.items() if b is not None)
+    )
+    console.print(f"peak RSS of this process: {peak_rss_mib():.0f} MiB")
+    return {"rows": rows, "exponents": fits, "peak_rss_mib": peak_rss_mib()}
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--agents", type=int, default=3, help="N")
@@ -154,6 +251,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--memory-games", type=int, default=1024, help="batch for the memory-vs-T analysis")
     parser.add_argument("--out", type=str, default=None, help="write the results as JSON here")
     parser.add_argument("--quick", action="store_true", help="2^8..2^10, 16 Python games, 1 repeat")
+    parser.add_argument("--feedback", choices=("auto", "dense", "sorted"), default="auto",
+                        help="GameConfig.feedback of the engine (dense = the [N,K,N,K] engine)")
+    parser.add_argument("--compare-feedback", action="store_true", help="dense vs sorted table on a grid instead")
+    parser.add_argument("--grid-agents", type=int, nargs="+", default=[2, 3, 8, 32])
+    parser.add_argument("--grid-candidates", type=int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--grid-budget", type=int, default=2**28, help="games per grid point ~ budget / (N K)^2")
     args = parser.parse_args(argv)
     if args.quick:
         args.log2_min, args.log2_max, args.numpy_max_log2 = 8, 10, 10
@@ -165,7 +268,14 @@ def main(argv=None) -> dict:
     from rich.table import Table
 
     console = Console(width=160)
-    config = GameConfig(num_rounds=args.rounds, mode=args.mode, schedule=args.schedule)
+    if args.compare_feedback:
+        console.print(f"jax {jax.__version__} | device {jax.devices()[0]} | load avg {os.getloadavg()}")
+        result = {"compare_feedback": compare_feedback(args, console), "argv": sys.argv[1:] if argv is None else list(argv)}
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump(result, f, indent=2)
+        return result
+    config = GameConfig(num_rounds=args.rounds, mode=args.mode, schedule=args.schedule, feedback=args.feedback)
     n, k, t = args.agents, args.candidates, args.rounds
     device = jax.devices()[0]
     env = {
@@ -182,7 +292,9 @@ def main(argv=None) -> dict:
         f"jax {env['jax']} | device {env['device']} | CPUs {env['cpu_count']} (affinity {env['cpu_affinity']}) | "
         f"load avg {tuple(round(x, 2) for x in env['load_average_at_start'])} | numpy {env['numpy']}"
     )
-    console.print(f"game: N={n} K={k} T={t} mode={args.mode} schedule={args.schedule} eta={args.step_size}")
+    console.print(
+        f"game: N={n} K={k} T={t} mode={args.mode} schedule={args.schedule} eta={args.step_size} feedback={args.feedback}"
+    )
 
     chunk_size = 2**args.chunk_log2
     largest_input = min(2**args.log2_max, chunk_size)
@@ -307,7 +419,8 @@ def main(argv=None) -> dict:
 
     result = {
         "environment": env,
-        "game": {"N": n, "K": k, "T": t, "mode": args.mode, "schedule": args.schedule, "step_size": args.step_size},
+        "game": {"N": n, "K": k, "T": t, "mode": args.mode, "schedule": args.schedule, "step_size": args.step_size,
+                 "feedback": args.feedback},
         "python": {"games": args.python_games, "wall_s": py_wall, "cpu_s": py_cpu, "game_rounds_per_s": py_rate},
         "rows": rows,
         "agreement": worst,

@@ -193,7 +193,6 @@ def fair_single_agent(candidates: CandidateSet, sorted_by_answer: bool = False) 
     exact expectation.  ``sorted_by_answer`` computes it by sorting the answer
     ids (``O(N K log(N K))``) instead of the ``[N, K, N, K]`` comparison.
     """
-    n, k = candidates.valid.shape
     if sorted_by_answer:
         pooled, count_tied = _pooled_utility_sorted(candidates)
     else:

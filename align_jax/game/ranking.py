@@ -65,8 +65,9 @@ __all__ = [
 FEEDBACK_METHODS = ("auto", "dense", "sorted")
 
 # ``"auto"`` uses the sorted form from this many slots ``N K`` on (the dense form
-# below).  Measured on the 2-core CPU with experiments/bench_game.py (full game,
-# expected mode, T=20): see the README of the benchmark / resolve_feedback.
+# below).  Measured on the 2-core CPU with ``experiments/bench_game.py
+# --compare-feedback`` (full game, expected mode, T=20): sorted/dense throughput
+# 0.5-0.75x at N K <= 48, 0.98-1.38x at N K = 128, 4x at 512, 24x at 2048.
 SORTED_MIN_SLOTS = 128
 
 
@@ -131,7 +132,7 @@ class ScoreOrder(NamedTuple):
 
 # Up to this many scores a game's ranking is computed by counting comparisons
 # (O(M^2) once per game, vectorized); above it by a sort (XLA's CPU sort costs
-# ~100 ns per element, far more than a vectorized comparison at small M).
+# 100-150 ns per element, far more than a vectorized comparison at small M).
 COUNT_MAX_SLOTS = 64
 # Prefix sums of at least this length use an associative scan instead of cumsum.
 SCAN_MIN_LENGTH = 256
@@ -151,51 +152,60 @@ def exclusive_prefix_sum(x: jax.Array) -> jax.Array:
 
 
 def _descending_groups(score: jax.Array):
-    """Rank the last axis in descending order (stable); each element's tie group ``[lo, hi)``.
+    """Rank ``[M]`` scores in descending order (stable); each one's tie group ``[lo, hi)``.
 
-    Returns ``(order, lo, hi)``: ``order[r]`` the index at descending position
-    ``r``; ``lo``, ``hi`` in input order.  Scores must not be NaN.
+    Returns ``(order, rank, lo, hi)``: ``order[r]`` the index at descending
+    position ``r``, ``rank`` its inverse; ``lo``, ``hi`` in input order.
+    Scores must not be NaN.
     """
-    m = score.shape[-1]
+    m = score.shape[0]
     index = jnp.arange(m, dtype=jnp.int32)
     if m <= COUNT_MAX_SLOTS:
-        query, other = score[..., :, None], score[..., None, :]
+        query, other = score[:, None], score[None, :]
         lo = jnp.sum(other > query, axis=-1, dtype=jnp.int32)
         hi = jnp.sum(other >= query, axis=-1, dtype=jnp.int32)
         earlier_tie = (other == query) & (index[None, :] < index[:, None])
         rank = lo + jnp.sum(earlier_tie, axis=-1, dtype=jnp.int32)
-        order = jnp.sum(jnp.where(rank[..., None, :] == index[:, None], index[None, :], 0), axis=-1, dtype=jnp.int32)
-        return order, lo, hi
-    flat = score.reshape(-1, m)
-    order = jnp.argsort(-flat, axis=-1, stable=True).astype(jnp.int32)
-    ranked = jnp.take_along_axis(flat, order, axis=-1)
-    position = jnp.broadcast_to(index, ranked.shape)
-    new_group = jnp.concatenate([jnp.ones_like(ranked[:, :1], bool), ranked[:, 1:] != ranked[:, :-1]], axis=-1)
-    ends_group = jnp.concatenate([ranked[:, :-1] != ranked[:, 1:], jnp.ones_like(ranked[:, :1], bool)], axis=-1)
+        order = jnp.sum(jnp.where(rank[None, :] == index[:, None], index[None, :], 0), axis=-1, dtype=jnp.int32)
+        return order, rank, lo, hi
+    order = jnp.argsort(-score, stable=True).astype(jnp.int32)
+    ranked = score[order]
+    first, last = jnp.ones((1,), bool), jnp.ones((1,), bool)
+    new_group = jnp.concatenate([first, ranked[1:] != ranked[:-1]])
+    ends_group = jnp.concatenate([ranked[:-1] != ranked[1:], last])
     # Running max / reverse min as associative scans (XLA:CPU lowers cummax to an O(M^2) window).
-    lo = jax.lax.associative_scan(jnp.maximum, jnp.where(new_group, position, 0), axis=1)
-    hi = jax.lax.associative_scan(jnp.minimum, jnp.where(ends_group, position + 1, m), axis=1, reverse=True)
-    rank = jax.vmap(lambda o: jnp.zeros((m,), jnp.int32).at[o].set(index))(order)  # inverse permutation
-    lo, hi = jnp.take_along_axis(lo, rank, axis=-1), jnp.take_along_axis(hi, rank, axis=-1)
-    return order.reshape(score.shape), lo.reshape(score.shape), hi.reshape(score.shape)
+    lo = jax.lax.associative_scan(jnp.maximum, jnp.where(new_group, index, 0))
+    hi = jax.lax.associative_scan(jnp.minimum, jnp.where(ends_group, index + 1, m), reverse=True)
+    rank = jnp.zeros((m,), jnp.int32).at[order].set(index)  # inverse permutation
+    return order, rank, lo[rank], hi[rank]
 
 
 def score_order(principal_score: jax.Array) -> ScoreOrder:
-    """Ranks one game's scores ``[N, K]`` once (a sort, or counting for small ``N K``).
+    """Ranks one game's scores ``[N, K]`` once.
 
-    NaN scores (padding) are ranked as ``-inf``: they carry zero mass and the
-    valid scores are finite, so they change nobody's feedback.
+    One sort of the ``N K`` scores (comparison counting for small ``N K``);
+    each agent's own order and tie groups follow from it by per-agent running
+    counts in that order (``O(N^2 K)``, no second sort).  NaN scores (padding)
+    are ranked as ``-inf``: they carry zero mass and the valid scores are
+    finite, so they change nobody's feedback.
     """
     n, k = principal_score.shape
     m = n * k
-    score = jnp.where(jnp.isnan(principal_score), -jnp.inf, principal_score)
-    order, lo, hi = _descending_groups(score.reshape(m))
-    own_order, own_lo, own_hi = _descending_groups(score)
-    block = m + k * jnp.arange(n, dtype=jnp.int32)
-    own_gather = (own_order + k * jnp.arange(n, dtype=jnp.int32)[:, None]).reshape(m)
+    score = jnp.where(jnp.isnan(principal_score), -jnp.inf, principal_score).reshape(m)
+    order, rank, lo, hi = _descending_groups(score)
+    agents = jnp.arange(n, dtype=jnp.int32)
+    slot_owner = jnp.arange(m, dtype=jnp.int32) // k
+    # counts[r, j]: agent j's slots among the r highest-ranked.
+    held = (order // k)[:, None] == agents[None, :]
+    counts = exclusive_prefix_sum(held.astype(jnp.float32)).astype(jnp.int32)  # [M + 1, N]
+    own_rank = counts[rank, slot_owner]
+    own_lo, own_hi = counts[lo, slot_owner], counts[hi, slot_owner]
+    block = m + k * agents
+    own_gather = jnp.zeros((m,), jnp.int32).at[slot_owner * k + own_rank].set(jnp.arange(m, dtype=jnp.int32))
+    offset = m + slot_owner * k
     return ScoreOrder(
         gather=jnp.concatenate([order, own_gather]),
-        bounds=jnp.stack([lo.reshape(n, k), hi.reshape(n, k), own_lo + block[:, None], own_hi + block[:, None]]),
+        bounds=jnp.stack([lo, hi, own_lo + offset, own_hi + offset]).reshape(4, n, k),
         block=block,
     )
 

@@ -1,0 +1,173 @@
+"""The sorted expected-feedback engine equals the dense one and the Python reference.
+
+``GameConfig.feedback`` selects how the expected ranking feedback (and the
+Nash gap's deviation gains) are computed: ``"dense"`` contracts the
+``[N, K, N, K]`` comparison, ``"sorted"`` ranks each game's scores once and
+uses prefix sums per round.  Both must give the reference's results on games
+with score ties within and across agents, NaN padding, shared answers,
+abstaining agents, N = 1, both modes, both schedules and early stop.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from align_jax.game import diagnostics, ranking
+from align_jax.game.delegation import _play_batch, play
+from align_jax.game.types import CandidateSet, GameConfig, GameInputError, GameParams
+from tests.game import reference
+from tests.game.test_reference import CASES, assert_results_equal, random_games, step_sizes
+
+FEEDBACKS = ("dense", "sorted")
+
+
+def random_profile(rng, valid):
+    p = rng.random(valid.shape) * valid
+    return p / np.maximum(p.sum(-1, keepdims=True), 1e-30)
+
+
+@pytest.mark.parametrize("count_max_slots", [64, 0], ids=["counting", "sort"])
+def test_sorted_feedback_equals_dense_on_tied_padded_games(count_max_slots, monkeypatch):
+    """Both ranking paths (comparison counting for small N*K, a sort above) equal the dense form."""
+    monkeypatch.setattr(ranking, "COUNT_MAX_SLOTS", count_max_slots)
+    rng = np.random.default_rng(0)
+    for trial in range(60):
+        n, k = int(rng.integers(1, 6)), int(rng.integers(1, 7))
+        valid = rng.random((n, k)) < 0.7
+        if trial % 3 == 0:
+            valid[rng.integers(n)] = False  # an abstaining agent
+        score = np.where(valid, rng.integers(-3, 4, (n, k)) / 2.0, np.nan).astype(np.float32)
+        if n > 1 and trial % 2 == 0:  # a slot shared with another agent (same score)
+            score[1, 0], valid[1, 0] = score[0, 0], valid[0, 0]
+        profile = random_profile(rng, valid)
+        present = valid.any(-1)
+        dense = ranking.ranking_feedback(score, profile, present, method="dense")
+        order = ranking.score_order(jnp.asarray(score))
+        fast = ranking.sorted_ranking_feedback(order, profile, present)
+        np.testing.assert_allclose(np.where(valid, fast, 0), np.where(valid, dense, 0), atol=1e-6, err_msg=str(trial))
+        # Slots of one tie group get bitwise-identical feedback.
+        flat_s, flat_f = score[valid], np.asarray(fast)[valid]
+        for value in np.unique(flat_s):
+            for agent in range(n):
+                own = flat_f[(flat_s == value) & (np.repeat(np.arange(n), k).reshape(n, k)[valid] == agent)]
+                assert len(set(own.tolist())) <= 1
+
+
+def test_sorted_feedback_on_a_large_game_uses_the_sort_and_matches_dense():
+    rng = np.random.default_rng(1)
+    n, k = 6, 40  # N*K = 240 > COUNT_MAX_SLOTS: the sort path
+    valid = rng.random((n, k)) < 0.8
+    score = np.where(valid, rng.integers(0, 30, (n, k)) / 8.0, np.nan).astype(np.float32)
+    profile = random_profile(rng, valid)
+    dense = ranking.ranking_feedback(score, profile, method="dense")
+    fast = ranking.ranking_feedback(score, profile, method="sorted")
+    np.testing.assert_allclose(np.where(valid, fast, 0), np.where(valid, dense, 0), atol=2e-6)
+    candidates_gain = [
+        diagnostics.deviation_gain(_one_game(score, valid), jnp.asarray(profile), feedback=fb) for fb in FEEDBACKS
+    ]
+    np.testing.assert_allclose(candidates_gain[1], candidates_gain[0], atol=2e-6)
+
+
+def _one_game(score, valid) -> CandidateSet:
+    u = np.where(valid, np.linspace(0.1, 1.0, valid.size).reshape(valid.shape), np.nan).astype(np.float32)
+    return CandidateSet(
+        answer_id=jnp.zeros(valid.shape, jnp.int32),
+        valid=jnp.asarray(valid),
+        agent_utility=jnp.asarray(u),
+        principal_score=jnp.asarray(score),
+        principal_value=jnp.asarray(score),
+        correct=jnp.zeros(valid.shape, bool),
+    )
+
+
+def test_auto_selects_by_shape_and_config_validates():
+    assert ranking.resolve_feedback("auto", 1, 4096) == "dense"
+    assert ranking.resolve_feedback("auto", 3, 4) == "dense"
+    assert ranking.resolve_feedback("auto", 32, 64) == "sorted"
+    assert ranking.resolve_feedback("dense", 32, 64) == "dense"
+    assert GameConfig().feedback == "auto"
+    with pytest.raises(GameInputError, match="feedback"):
+        GameConfig(feedback="fast")
+
+
+@pytest.mark.parametrize("feedback", FEEDBACKS)
+@pytest.mark.parametrize("n, k, q, config, seed", CASES, ids=lambda v: getattr(v, "mode", None) or str(v))
+def test_engine_equals_python_reference_for_each_feedback(n, k, q, config, seed, feedback):
+    config = dataclasses.replace(config, feedback=feedback)
+    candidates = random_games(seed, q, n, k)
+    params = step_sizes(seed, q)
+    key = jax.random.PRNGKey(100 + seed)
+    engine = play(config, candidates, key, params)
+    assert_results_equal(engine, reference.play_python(config, candidates, params, key=key), label=feedback)
+
+
+def test_abstaining_agents_sorted_equals_dense_and_reference():
+    """Agent 1 has no valid slot in every game: both forms equal each other (all leaves)
+    and the reference on the game without that agent (expected mode, anytime, early stop)."""
+    q, n, k = 8, 4, 5
+    base = random_games(21, q, n, k)
+    valid = np.asarray(base.valid).copy()
+    valid[:, 1] = False
+    nan = np.float32(np.nan)
+    candidates = base._replace(
+        valid=jnp.asarray(valid),
+        agent_utility=jnp.where(valid, base.agent_utility, nan),
+        principal_score=jnp.where(valid, base.principal_score, nan),
+        principal_value=jnp.where(valid, base.principal_value, nan),
+    )
+    params = step_sizes(21, q)
+    results = {}
+    for feedback in FEEDBACKS:
+        config = GameConfig(num_rounds=12, mode="expected", schedule="anytime", early_stop_tol=0.003,
+                            record_trajectory=True, feedback=feedback)
+        results[feedback] = play(config, candidates, jax.random.PRNGKey(3), params)
+    assert_results_equal(results["sorted"], results["dense"], label="sorted-vs-dense")
+    keep = [0, 2, 3]
+    reduced = CandidateSet(*(jnp.asarray(np.asarray(x)[:, keep]) for x in candidates))
+    ref = reference.play_python(config, reduced, params)
+    got = results["sorted"]
+    for name in ("nash_gap", "rounds_played", "pareto_compliance", "pareto_mass", "chosen_answer"):
+        np.testing.assert_allclose(np.asarray(getattr(got, name)), np.asarray(getattr(ref, name)), atol=1e-5, err_msg=name)
+    for name in ("deviation_gain", "regret", "submission", "average_policy"):
+        np.testing.assert_allclose(np.asarray(getattr(got, name))[:, keep], np.asarray(getattr(ref, name)), atol=1e-5, err_msg=name)
+    np.testing.assert_allclose(got.align.principal_value, ref.align.principal_value, atol=1e-5)
+    np.testing.assert_allclose(got.trajectory.nash_gap, ref.trajectory.nash_gap, atol=1e-5)
+
+
+def test_sorted_engine_does_not_retrace_and_memory_is_independent_of_t():
+    config = GameConfig(num_rounds=8, feedback="sorted")
+    candidates = random_games(5, 4, 3, 6)
+    params = GameParams.create(0.5)
+    play(config, candidates, jax.random.PRNGKey(0), params)
+    size = _play_batch._cache_size()
+    play(config, random_games(6, 4, 3, 6), jax.random.PRNGKey(1), GameParams.create(0.7))
+    assert _play_batch._cache_size() == size
+
+    def temp_bytes(rounds):
+        cfg = dataclasses.replace(config, num_rounds=rounds)
+        keys = jax.random.split(jax.random.PRNGKey(0), 4)
+        step = GameParams(step_size=jnp.full((4,), 0.5, jnp.float32))
+        lowered = _play_batch.lower(cfg, jax.tree.map(jnp.asarray, candidates), keys, step)
+        return lowered.compile().memory_analysis().temp_size_in_bytes
+
+    assert temp_bytes(8) == temp_bytes(200)
+
+
+@pytest.mark.parametrize("seed, n, k", [(0, 3, 6), (1, 9, 9), (2, 1, 5)])
+def test_sorted_baselines_equal_dense(seed, n, k):
+    """The fair single agent (answers sorted) and the uniform principal (prefix counts) equal the dense forms."""
+    candidates = random_games(seed, 6, n, k)
+    valid = np.asarray(candidates.valid).copy()
+    if n > 1:
+        valid[0, 1] = False  # an abstaining agent
+        nan = np.float32(np.nan)
+        candidates = candidates._replace(valid=jnp.asarray(valid), principal_score=jnp.where(valid, candidates.principal_score, nan))
+    dense = jax.vmap(lambda c: diagnostics.baselines(c, "dense"))(candidates)
+    fast = jax.vmap(lambda c: diagnostics.baselines(c, "sorted"))(candidates)
+    for got, want in zip(jax.tree.leaves(fast), jax.tree.leaves(dense)):
+        np.testing.assert_allclose(got, want, atol=1e-6)
