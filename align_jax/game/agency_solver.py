@@ -108,6 +108,19 @@ def _residual(f, valid):
     return 0.5 * jnp.max(spread_f)
 
 
+def _prepare(objectives, base_logits, weights, tau, valid):
+    """Common input preparation of the solvers: one float dtype (at least float32), the valid
+    mask and ``log pi0``. Returns ``(objectives, base_logits, weights, tau, valid, logpi0, dtype)``."""
+    objectives = jnp.asarray(objectives)
+    dtype = jnp.result_type(objectives.dtype, jnp.float32)
+    base_logits = jnp.asarray(base_logits, dtype)
+    objectives = objectives.astype(dtype)
+    weights = jnp.asarray(weights, dtype)
+    tau = jnp.asarray(tau, dtype)
+    valid = _valid_mask(base_logits, valid)
+    return objectives, base_logits, weights, tau, valid, _base_log_policy(base_logits, valid), dtype
+
+
 @functools.partial(jax.jit, static_argnames=("config",))
 def solve_equilibrium(
     base_logits,
@@ -150,15 +163,9 @@ def solve_equilibrium(
     Returns:
       :class:`EquilibriumResult`.
     """
-    objectives = jnp.asarray(objectives)
-    dtype = jnp.result_type(objectives.dtype, jnp.float32)
-    base_logits = jnp.asarray(base_logits, dtype)
-    objectives = objectives.astype(dtype)
-    weights = jnp.asarray(weights, dtype)
-    tau = jnp.asarray(tau, dtype)
+    objectives, base_logits, weights, tau, valid, logpi0, dtype = _prepare(objectives, base_logits, weights,
+                                                                           tau, valid)
     num_principals, _ = objectives.shape
-    valid = _valid_mask(base_logits, valid)
-    logpi0 = _base_log_policy(base_logits, valid)
     pi0 = jnp.where(valid, jnp.exp(logpi0), 0.0)
     a = _values(objectives, weights, valid)
     if init_incentives is None:
@@ -355,15 +362,9 @@ def solve_limited_liability(
       0 over valid tokens) and ``residual = max_k |u_k - tau - U_k|`` over
       ``tau + max_k spread(a_k)``.
     """
-    objectives = jnp.asarray(objectives)
-    dtype = jnp.result_type(objectives.dtype, jnp.float32)
-    base_logits = jnp.asarray(base_logits, dtype)
-    objectives = objectives.astype(dtype)
-    weights = jnp.asarray(weights, dtype)
-    tau = jnp.asarray(tau, dtype)
+    objectives, base_logits, weights, tau, valid, logpi0, dtype = _prepare(objectives, base_logits, weights,
+                                                                           tau, valid)
     num_principals, _ = objectives.shape
-    valid = _valid_mask(base_logits, valid)
-    logpi0 = _base_log_policy(base_logits, valid)
     a = _values(objectives, weights, valid)
     lo = _masked_min(a, valid[None, :]) + tau  # [J]
     hi = _masked_max(a, valid[None, :]) + tau
