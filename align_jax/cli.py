@@ -1,6 +1,7 @@
 """The ``align-jax`` command.
 
     align-jax simulate configs/theorem1_sweep.yaml [--scenarios N] [--output-dir DIR] [--no-figures]
+                       [--devices D] [--coordinator HOST:PORT --num-processes P --process-id I | --distributed]
     align-jax reason configs/reason_small.yaml      ALIGN + baselines with real LLMs on math benchmarks
     align-jax replay configs/reason_small.yaml      swap the principal on a finished reason run (no model)
     align-jax cage configs/cage_small.yaml          CAGE multi-objective decoding over a weight grid
@@ -13,6 +14,7 @@ here, in one place: ``align-jax: error: <file>:<line>: <field>: <message>`` and 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import sys
 from typing import Optional, Sequence
 
@@ -25,11 +27,28 @@ def _simulate(args) -> int:
     from align_jax import simulate
     from align_jax.runner import apply_overrides
 
+    from align_jax import distributed
+
+    # Before anything touches a JAX backend (loading the config does).
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     config = apply_overrides(simulate.load_simulate_config(args.config), args, _SIMULATE_OVERRIDES)
+    if args.devices is not None:
+        config = dataclasses.replace(config, devices=args.devices)
     frame = simulate.run_simulation(config, progress=not args.quiet, figures=not args.no_figures)
-    simulate.print_summary(config, frame)
-    print(f"results: {simulate.run_dir(config)}")
+    if distributed.is_writer():
+        simulate.print_summary(config, frame)
+        print(f"results: {simulate.run_dir(config)}")
     return 0
+
+
+def _add_device_arguments(parser) -> None:
+    group = parser.add_argument_group("devices and processes (see align_jax.distributed)")
+    group.add_argument("--devices", type=int, default=None, help="devices to shard games over (default: all)")
+    group.add_argument("--coordinator", default=None, help="host:port of process 0 of a multi-process run")
+    group.add_argument("--num-processes", type=int, default=None, help="processes in a multi-process run")
+    group.add_argument("--process-id", type=int, default=None, help="this process's id, 0 .. num-processes - 1")
+    group.add_argument("--distributed", action="store_true",
+                       help="join a multi-process run described by the cluster's environment (SLURM, TPU pod)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     sim = sub.add_parser("simulate", help="synthetic sweep of the ALIGN delegation game")
     add_run_arguments(sim, _SIMULATE_OVERRIDES, flags={"scenarios_per_point": "--scenarios"})
+    _add_device_arguments(sim)
     sim.set_defaults(func=_simulate)
     add_reason_subcommand(sub)
     add_replay_subcommand(sub)

@@ -142,6 +142,9 @@ class RunFiles:
       settings: the run's settings hash (stamped on every row; rows with another hash are refused).
       config: written to ``config.json`` when given.
       hash_field: the row field holding the hash.
+      writer: whether this process writes the directory; the other processes of
+        a multi-process run (:mod:`align_jax.distributed`) read it and keep
+        their record of finished rows in memory.
 
     Raises:
       ConfigError: a row without ``key_field`` or with another settings hash
@@ -150,9 +153,11 @@ class RunFiles:
     """
 
     def __init__(self, directory: str | os.PathLike, *, key_field: str, settings: str,
-                 config: Any = None, hash_field: str = HASH_FIELD):
+                 config: Any = None, hash_field: str = HASH_FIELD, writer: bool = True):
         self.directory = Path(directory)
-        self.directory.mkdir(parents=True, exist_ok=True)
+        self.writer = writer
+        if writer:
+            self.directory.mkdir(parents=True, exist_ok=True)
         self.key_field = key_field
         self.settings = settings
         self.hash_field = hash_field
@@ -184,7 +189,8 @@ class RunFiles:
             row[self.hash_field] = self.settings
             self.done[key] = row
             new.append(row)
-        append_jsonl(self.results_path, new)
+        if self.writer:
+            append_jsonl(self.results_path, new)
         return new
 
     def rows(self, keys: Iterable) -> list[dict]:
@@ -196,8 +202,9 @@ class RunFiles:
         return self.directory / name
 
     def write_text(self, name: str, text: str) -> Path:
-        """Atomically writes a text file of the run directory."""
-        atomic_write(self.path(name), text)
+        """Atomically writes a text file of the run directory (nothing when not the writer)."""
+        if self.writer:
+            atomic_write(self.path(name), text)
         return self.path(name)
 
     def write_json(self, name: str, data: Any) -> Path:

@@ -2,33 +2,43 @@
 
 A sweep is the cartesian product of the values listed under ``sweep:``.  Each
 grid point plays ``scenarios_per_point`` synthetic games in chunks of
-``chunk_size`` (one jit-compiled function per static configuration serves all
-the points that share it: rho, noise, eta, ... are array arguments), reduces
-them on the device to means and standard errors, and appends one JSON line to
-``<output_dir>/<name>/seed<seed>/results.jsonl``.  Points already in that file
-are skipped on a rerun (the shared runner, :mod:`align_jax.runner`), so a
-crashed sweep resumes without losing or repeating work; a rerun with other
-settings under the same name is refused.  At the end the run directory gets ``results.csv``,
-``summary.md`` and the figures.
+``chunk_size``.  Points that share a static shape (N, K, T, mode, schedule,
+learner, ...) are played by one compiled program: their swept numbers (rho,
+noises, dominance, step size) and keys are array leaves ``[P]``, ``lax.map``-ed
+over points and chunks inside one ``jit`` (one compile per static shape, none
+per point).  Each chunk's games are sharded over the devices of a one-axis mesh
+(``devices:``; all local devices by default, every process's in a multi-process
+run, see :mod:`align_jax.distributed`), reduced on the devices to per-block sums
+of a fixed number of games, and summed exactly (``math.fsum``) on the host, so a
+row is the same on any number of devices or processes.
+
+Each point appends one JSON line to ``<output_dir>/<name>/seed<seed>/results.jsonl``.
+Points already in that file are skipped on a rerun (the shared runner,
+:mod:`align_jax.runner`), so a crashed sweep resumes without losing or
+repeating work; a rerun with other settings under the same name is refused.
+At the end the run directory gets ``results.csv``, ``summary.md`` and the figures.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import itertools
 import json
 import math
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from align_jax import runner
 from align_jax.config import ConfigError, FieldError, load_config
+from align_jax.distributed import GAMES_AXIS, game_mesh, is_writer, sync
 from align_jax.game.delegation import play_batch
 from align_jax.game.scenarios import ScenarioParams, ScenarioSpec, sample, utility_correlation
 from align_jax.game.types import GameInputError, GameParams
@@ -95,6 +105,11 @@ class SimulateConfig:
         regret-vs-T and Nash-gap-vs-T figures).
       output_dir: where run directories go.
       x_axis: the sweep key on the x axis of the utility figure.
+      devices: how many devices shard each chunk's games (``null``: all of
+        them, every process's in a multi-process run); results do not depend
+        on it.
+      points_per_call: grid points of one static shape played by one call of
+        the compiled sweep program (a crash loses at most one call's points).
     """
 
     name: str
@@ -107,6 +122,8 @@ class SimulateConfig:
     trajectory: bool = False
     output_dir: str = "runs"
     x_axis: str = "rho"
+    devices: Optional[int] = None
+    points_per_call: int = 16
 
     def __post_init__(self):
         if not self.name or "/" in self.name:
@@ -115,6 +132,11 @@ class SimulateConfig:
             raise FieldError("scenarios_per_point", f"must be >= 1, got {self.scenarios_per_point}")
         if self.chunk_size < 1:
             raise FieldError("chunk_size", f"must be >= 1, got {self.chunk_size}")
+        if self.points_per_call < 1:
+            raise FieldError("points_per_call", f"must be >= 1, got {self.points_per_call}")
+        if self.devices is not None and (isinstance(self.devices, bool) or not isinstance(self.devices, int)
+                                         or self.devices < 1):
+            raise FieldError("devices", f"must be a positive integer or null (all devices), got {self.devices!r}")
         for key, values in self.sweep.items():
             if key not in SWEEPABLE:
                 raise FieldError(f"sweep.{key}", f"cannot be swept (sweepable: {', '.join(SWEEPABLE)})")
@@ -191,6 +213,13 @@ _STAT_NAMES = (
 )
 
 
+def _agent_mean(x: jax.Array) -> jax.Array:
+    """Mean over the last (agent) axis as a fixed chain of adds: XLA may vectorize a
+    ``jnp.mean`` differently for different batch sizes, and a row must not depend on
+    how many games one device holds."""
+    return functools.reduce(jnp.add, [x[..., i] for i in range(x.shape[-1])]) / x.shape[-1]
+
+
 def _per_game_stats(result, corr) -> dict:
     outcomes = {
         "align": result.align,
@@ -213,8 +242,8 @@ def _per_game_stats(result, corr) -> dict:
         win_fair=(align > fair + 1e-6).astype(jnp.float32),
         loss_fair=(align < fair - 1e-6).astype(jnp.float32),
         nash_gap=result.nash_gap,
-        regret=jnp.mean(result.regret, axis=-1),
-        regret_bound=jnp.mean(bound, axis=-1),
+        regret=_agent_mean(result.regret),
+        regret_bound=_agent_mean(bound),
         regret_over_bound=jnp.max(ratio, axis=-1),
         bound_violation=jnp.any(result.regret > bound + 1e-4 * (1 + bound), axis=-1).astype(jnp.float32),
         pareto_compliance=result.pareto_compliance,
@@ -225,75 +254,184 @@ def _per_game_stats(result, corr) -> dict:
     return stats
 
 
-def _chunk_impl(spec, game_config, chunk, scenario_params, game_params, key, count):
-    """Plays ``chunk`` games, reduces to sums over the first ``count`` of them."""
-    k_scen, k_game = jax.random.split(key)
-    scen_keys = jax.random.split(k_scen, chunk)
-    candidates = jax.vmap(sample, in_axes=(None, None, 0))(spec, scenario_params, scen_keys)
+# Games per partial sum of a chunk's statistics: set by the chunk size alone, never
+# by the device count, so every block sums the same games on any mesh.
+REDUCE_BLOCK_MAX = 256
+
+
+def reduce_block(chunk: int) -> int:
+    """Games per partial sum: a power of two in ``[8, 256]``, about ``chunk / 64``."""
+    target = max(1, -(-chunk // 64))
+    return int(min(REDUCE_BLOCK_MAX, max(8, 1 << (target - 1).bit_length())))
+
+
+def padded_chunk(chunk: int, devices: int) -> int:
+    """The chunk rounded up to whole blocks on every device (the extra games are masked out).
+
+    Game ``g`` of a chunk has key ``split(k, padded)[g] == split(k, chunk)[g]`` (the
+    default partitionable threefry), so padding does not move any game.
+    """
+    unit = devices * reduce_block(chunk)
+    return -(-chunk // unit) * unit
+
+
+class _Program(NamedTuple):
+    """The static structure of one compiled sweep program (hashable: a ``jit`` static argument)."""
+
+    spec: ScenarioSpec
+    game_config: Any
+    chunk: int  # games per chunk with their own keys (config.chunk_size, capped at n)
+    padded: int  # chunk rounded up to whole blocks on every device
+    block: int  # games per partial sum
+    num_chunks: int
+    mesh: Mesh
+
+
+def _local_sums(program: _Program, scen_keys, game_keys, mask, scen_params, step):
+    """One device's games ``[L]`` -> masked per-block sums and sums of squares ``[L / G, S]``
+    (and per-round trajectory sums ``[L / G, T]``), gathered over the mesh."""
+    local = mask.shape[0]
+    candidates = jax.vmap(sample, in_axes=(None, None, 0))(program.spec, scen_params, scen_keys)
     corr = jax.vmap(utility_correlation)(candidates)
-    game_keys = jax.random.split(k_game, chunk)
-    params = GameParams(step_size=jnp.broadcast_to(game_params.step_size, (chunk,)))
-    result = play_batch(game_config, candidates, game_keys, params)
-    mask = (jnp.arange(chunk) < count).astype(jnp.float32)
+    params = GameParams(step_size=jnp.broadcast_to(step, (local,)))
+    result = play_batch(program.game_config, candidates, game_keys, params)
     stats = _per_game_stats(result, corr)
-    sums = {k: jnp.sum(mask * v) for k, v in stats.items()}
-    squares = {k: jnp.sum(mask * v**2) for k, v in stats.items()}
-    traj = None
+    values = jnp.stack([stats[k].astype(jnp.float32) for k in _STAT_NAMES], axis=-1)  # [L, S]
+    blocks = local // program.block
+    weight = mask.reshape(blocks, program.block, 1)
+    values = values.reshape(blocks, program.block, -1)
+    out = {"sums": jnp.sum(weight * values, axis=1), "squares": jnp.sum(weight * values**2, axis=1)}
     if result.trajectory is not None:
         t = result.trajectory
-        traj = {
-            "regret": jnp.einsum("q,qtn->t", mask, t.regret) / spec.num_agents,
-            "regret_max": jnp.einsum("q,qt->t", mask, jnp.max(t.regret, axis=-1)),
-            "regret_bound": jnp.einsum("q,qtn->t", mask, t.regret_bound) / spec.num_agents,
-            "nash_gap": jnp.einsum("q,qt->t", mask, t.nash_gap),
+        per_round = {
+            "regret": _agent_mean(t.regret),
+            "regret_max": jnp.max(t.regret, axis=-1),
+            "regret_bound": _agent_mean(t.regret_bound),
+            "nash_gap": t.nash_gap,
         }
-    return sums, squares, traj
+        for name, value in per_round.items():  # [L, T]
+            out[f"traj_{name}"] = jnp.sum(weight * value.reshape(blocks, program.block, -1), axis=1)
+    return jax.tree.map(lambda x: jax.lax.all_gather(x, GAMES_AXIS, tiled=True), out)
 
 
-_chunk = jax.jit(_chunk_impl, static_argnums=(0, 1, 2))
+def _program_impl(program: _Program, scen_params, steps, point_keys, counts):
+    """Every chunk of every grid point of a group, in one compiled program.
+
+    Args:
+      scen_params: :class:`ScenarioParams` with leaves ``[P]`` (the points' swept numbers).
+      steps: float32 ``[P]`` the points' step sizes.
+      point_keys: uint32 ``[P, 2]`` the points' base keys (raw threefry data).
+      counts: int32 ``[C]`` real games in each chunk.
+
+    Returns:
+      ``{"sums", "squares": [P, C, B, S], "traj_*": [P, C, B, T]}`` with B = blocks per chunk.
+    """
+    spec = P(GAMES_AXIS)
+    sharded = jax.shard_map(functools.partial(_local_sums, program), mesh=program.mesh,
+                            in_specs=(spec, spec, spec, P(), P()), out_specs=P(), check_vma=False)
+
+    def one_point(args):
+        scen, step, raw_key = args
+        base_key = jax.random.wrap_key_data(raw_key)
+
+        def one_chunk(index):
+            k_scen, k_game = jax.random.split(jax.random.fold_in(base_key, index))
+            scen_keys = jax.random.split(k_scen, program.padded)
+            game_keys = jax.random.split(k_game, program.padded)
+            mask = (jnp.arange(program.padded) < counts[index]).astype(jnp.float32)
+            return sharded(scen_keys, game_keys, mask, scen, step)
+
+        return jax.lax.map(one_chunk, jnp.arange(program.num_chunks))
+
+    return jax.lax.map(one_point, (scen_params, steps, point_keys))
+
+
+_program = jax.jit(_program_impl, static_argnums=0)
+_compiled: dict = {}
+
+
+def _fsum(values: np.ndarray, axes) -> np.ndarray:
+    """Exactly rounded sums over ``axes`` (independent of order and of zero padding)."""
+    moved = np.moveaxis(np.asarray(values, np.float64), axes, range(-len(axes), 0))
+    flat = moved.reshape(moved.shape[: moved.ndim - len(axes)] + (-1,))
+    return np.apply_along_axis(math.fsum, -1, flat)
+
+
+def run_points(config: SimulateConfig, points: list[dict], mesh: Optional[Mesh] = None) -> list[dict]:
+    """Plays all the games of grid points that share one static shape, as one compiled program.
+
+    The points' swept numbers (``rho``, noises, ``step_size``, ...) and keys are
+    array leaves ``[P]`` of one ``jit`` (``lax.map`` over points and chunks), so a
+    sweep compiles once per static shape, not per point.  The games of each chunk
+    are sharded over ``mesh`` (default: :func:`align_jax.distributed.game_mesh`
+    of ``config.devices``).  Returns one result row per point, in order.
+    """
+    mesh = mesh if mesh is not None else game_mesh(config.devices)
+    sections = [_sections(config, p) for p in points]
+    game, scenario = sections[0]
+    spec, game_config = scenario.spec(), game.game_config(config.trajectory)
+    for g, s in sections[1:]:
+        if s.spec() != spec or g.game_config(config.trajectory) != game_config:
+            raise ValueError("run_points needs points that share their static shape")
+    total = config.scenarios_per_point
+    chunk = min(config.chunk_size, total)
+    devices = mesh.devices.size
+    program = _Program(spec, game_config, chunk, padded_chunk(chunk, devices), reduce_block(chunk),
+                       math.ceil(total / chunk), mesh)
+    ids = [_point_id(config, p) for p in points]
+    replicated = NamedSharding(mesh, P())
+    args = jax.device_put((
+        jax.tree.map(lambda *x: np.stack(x), *[s.params() for _, s in sections]),
+        np.asarray([GameParams.create(g.step_size).step_size for g, _ in sections], np.float32),
+        np.stack([np.asarray(jax.random.key_data(_base_key(config, i))) for i in ids]),
+        np.asarray([min(chunk, total - c * chunk) for c in range(program.num_chunks)], np.int32),
+    ), replicated)
+    start = time.perf_counter()
+    signature = (program, jax.tree.map(lambda x: (x.shape, x.dtype), args))
+    compile_s = 0.0
+    if signature not in _compiled:
+        _compiled[signature] = _program.lower(program, *args).compile()
+        compile_s = time.perf_counter() - start
+    out = _compiled[signature](*args)
+    out = {k: np.asarray(v.addressable_shards[0].data) for k, v in out.items()}  # replicated
+    wall = time.perf_counter() - start
+    needed = -(-chunk // program.block)  # blocks holding real games; the rest are padding
+    out = {k: v[:, :, :needed] for k, v in out.items()}
+    sums, squares = _fsum(out["sums"], (1, 2)), _fsum(out["squares"], (1, 2))  # [P, S]
+    rows = []
+    for p, (point, point_id) in enumerate(zip(points, ids)):
+        row: dict[str, Any] = {"point_id": point_id, "n": total, **point}
+        for s, k in enumerate(_STAT_NAMES):
+            mean = sums[p, s] / total
+            var = max(squares[p, s] / total - mean**2, 0.0)
+            row[k] = float(mean)
+            row[f"{k}_se"] = math.sqrt(var / max(total - 1, 1))
+        if config.trajectory:
+            row["trajectory"] = {
+                name: (_fsum(out[f"traj_{name}"][p], (0, 1)) / total).tolist()
+                for name in ("regret", "regret_max", "regret_bound", "nash_gap")
+            }
+        row["wall_s"] = wall / len(points)
+        row["compile_s"] = compile_s
+        row["devices"] = devices
+        row["rho_requested"] = sections[p][1].rho
+        rows.append(row)
+    return rows
 
 
 def run_point(config: SimulateConfig, point: dict) -> dict:
-    """Plays all the games of one grid point; returns its result row."""
+    """Plays all the games of one grid point; returns its result row (:func:`run_points`)."""
+    return run_points(config, [point])[0]
+
+
+def _base_key(config: SimulateConfig, point_id: str) -> jax.Array:
+    """The point's key: ``fold_in(key(seed), id)``; chunk ``c`` plays with ``fold_in(base, c)``."""
+    return jax.random.fold_in(jax.random.key(config.seed), int(point_id[:7], 16))
+
+
+def _static_signature(config: SimulateConfig, point: dict):
     game, scenario = _sections(config, point)
-    spec = scenario.spec()
-    scen_params = scenario.params()
-    game_config = game.game_config(config.trajectory)
-    game_params = GameParams.create(game.step_size)
-    chunk = min(config.chunk_size, config.scenarios_per_point)
-    point_id = _point_id(config, point)
-    base_key = jax.random.fold_in(jax.random.key(config.seed), int(point_id[:7], 16))
-    total = config.scenarios_per_point
-    sums: dict[str, float] = {k: 0.0 for k in _STAT_NAMES}
-    squares: dict[str, float] = {k: 0.0 for k in _STAT_NAMES}
-    traj_sum: Optional[dict[str, np.ndarray]] = None
-    compile_s = 0.0
-    start = time.perf_counter()
-    for index in range(math.ceil(total / chunk)):
-        count = min(chunk, total - index * chunk)
-        t0 = time.perf_counter()
-        s, q, traj = _chunk(spec, game_config, chunk, scen_params, game_params, jax.random.fold_in(base_key, index), count)
-        s, q, traj = jax.device_get((s, q, traj))
-        if index == 0:
-            compile_s = time.perf_counter() - t0
-        for k in _STAT_NAMES:
-            sums[k] += float(s[k])
-            squares[k] += float(q[k])
-        if traj is not None:
-            traj = {k: np.asarray(v, np.float64) for k, v in traj.items()}
-            traj_sum = traj if traj_sum is None else {k: traj_sum[k] + traj[k] for k in traj}
-    row: dict[str, Any] = {"point_id": point_id, "n": total, **point}
-    for k in _STAT_NAMES:
-        mean = sums[k] / total
-        var = max(squares[k] / total - mean**2, 0.0)
-        row[k] = mean
-        row[f"{k}_se"] = math.sqrt(var / max(total - 1, 1))
-    if traj_sum is not None:
-        row["trajectory"] = {k: (v / total).tolist() for k, v in traj_sum.items()}
-    row["wall_s"] = time.perf_counter() - start
-    row["first_chunk_s"] = compile_s
-    row["rho_requested"] = scenario.rho
-    return row
+    return scenario.spec(), game.game_config(config.trajectory)
 
 
 def run_dir(config: SimulateConfig) -> Path:
@@ -301,30 +439,52 @@ def run_dir(config: SimulateConfig) -> Path:
     return runner.run_dir(config.output_dir, config.name, config.seed)
 
 
-SETTINGS_EXCLUDE = ("name", "output_dir", "sweep", "x_axis")
-"""Settings that do not change a grid point's row (the sweep only selects which points run)."""
+SETTINGS_EXCLUDE = ("name", "output_dir", "sweep", "x_axis", "devices", "points_per_call")
+"""Settings that do not change a grid point's row (the sweep only selects which points run; the
+devices and the grouping of points into programs change only how fast)."""
 
 
 def run_simulation(config: SimulateConfig, *, progress: bool = True, figures: bool = True):
-    """Runs (or resumes) a sweep on the shared runner; returns the results as a pandas DataFrame."""
+    """Runs (or resumes) a sweep on the shared runner; returns the results as a pandas DataFrame.
+
+    The missing grid points are grouped by static shape (N, K, T, mode, ...) into
+    units of at most ``points_per_call`` points, each played by one compiled
+    program sharded over the mesh.  In a multi-process run (see
+    :mod:`align_jax.distributed`) every process plays its share of every unit and
+    process 0 alone writes the run directory.
+    """
     import pandas as pd
 
+    writer = is_writer()
     files = runner.RunFiles(run_dir(config), key_field="point_id",
-                            settings=runner.settings_hash(config, exclude=SETTINGS_EXCLUDE), config=config)
+                            settings=runner.settings_hash(config, exclude=SETTINGS_EXCLUDE),
+                            config=config if writer else None, writer=writer)
+    sync("align_jax.simulate: results read")
+    mesh = game_mesh(config.devices)
     points = sweep_points(config)
     ids = [_point_id(config, p) for p in points]
-    units = [runner.Unit((i,), _label(p), p) for p, i in zip(points, ids)]
-    runner.run_units(files, units, lambda unit: [run_point(config, unit.payload)],
-                     description=f"{config.name}: grid points", progress=progress)
+    groups: dict = {}
+    for point, point_id in zip(points, ids):
+        if files.missing([point_id]):
+            groups.setdefault(_static_signature(config, point), []).append((point, point_id))
+    units = []
+    for members in groups.values():
+        for i in range(0, len(members), config.points_per_call):
+            part = members[i:i + config.points_per_call]
+            label = _label(part[0][0]) + (f" (+{len(part) - 1} points)" if len(part) > 1 else "")
+            units.append(runner.Unit(tuple(pid for _, pid in part), label, [p for p, _ in part]))
+    runner.run_units(files, units, lambda unit: run_points(config, unit.payload, mesh),
+                     description=f"{config.name}: grid points", progress=progress and writer)
     rows = files.rows(ids)
     flat = [{k: v for k, v in r.items() if k not in ("trajectory", runner.HASH_FIELD)} for r in rows]
-    runner.write_csv(files.path("results.csv"), flat)
     frame = pd.DataFrame(flat)
-    files.write_text("summary.md", summary_markdown(config, frame))
-    if figures:
-        from align_jax import plots
+    if writer:
+        runner.write_csv(files.path("results.csv"), flat)
+        files.write_text("summary.md", summary_markdown(config, frame))
+        if figures:
+            from align_jax import plots
 
-        plots.simulation_figures(config, rows, files.directory)
+            plots.simulation_figures(config, rows, files.directory)
     return frame
 
 
@@ -394,4 +554,4 @@ def print_summary(config: SimulateConfig, frame) -> None:
     Console().print(table)
 
 
-__all__ += ["run_dir", "run_point", "summary_markdown", "print_summary", "ConfigError"]
+__all__ += ["run_dir", "run_point", "run_points", "reduce_block", "padded_chunk", "summary_markdown", "print_summary", "ConfigError"]

@@ -152,8 +152,25 @@ def _grid_games(n: int, k: int, budget: int) -> int:
     return int(np.clip(budget // (n * k) ** 2, 64, 4096))
 
 
-def compare_feedback(args, console) -> dict:
-    """Dense vs sorted expected feedback: game-rounds/s, compile s, memory, growth exponent."""
+def _time_reference(play, config, games, params, key, budget_s):
+    """Wall seconds per game-round of a reference on ``games`` (one call), or None past ``budget_s``."""
+    wall, cpu, result = timed(lambda: play(config, games, params, key=key, validate=False), 1)
+    q, t = games.valid.shape[0], config.num_rounds
+    return {"game_rounds_per_s": q * t / wall, "us_per_game_round": wall / (q * t) * 1e6, "games": q,
+            "wall_s": wall, "cpu_s": cpu}, result
+
+
+def scaling(args, console) -> dict:
+    """Every implementation on N=3, K=16 and on the N x K grid: game-rounds/s, compile s, memory, exponents.
+
+    Implementations: the engine with the dense ``[N, K, N, K]`` feedback (today's
+    engine before the sorted form; skipped above ``--dense-max-slots`` slots,
+    where its memory explodes), the engine with the sorted ``O(N K)`` feedback,
+    the vectorized NumPy reference (float32; games capped by ``--numpy-mib``)
+    and the plain Python loop (a few games, while ``--python-budget-s`` allows).
+    Memory: XLA's compiled temp bytes of each engine on one chunk of
+    ``2^--memory-log2`` games (lowered and compiled only, not run).
+    """
     from rich.table import Table
 
     key = jax.random.PRNGKey(args.seed)
@@ -161,14 +178,19 @@ def compare_feedback(args, console) -> dict:
     points = [(3, 16, 2**args.chunk_log2)]
     points += [(n, k, None) for n in args.grid_agents for k in args.grid_candidates if (n, k) != (3, 16)]
     rows = []
+    python_over = numpy_over = False
     for n, k, q in points:
+        m = n * k
         q = q or _grid_games(n, k, args.grid_budget)
-        games = jax.tree.map(jnp.asarray, synthetic_games(q, n, k, args.seed))
+        base = synthetic_games(q, n, k, args.seed)
+        games = jax.tree.map(jnp.asarray, base)
         keys = jax.random.split(key, q)
         params = GameParams(step_size=jnp.full((q,), args.step_size, jnp.float32))
-        row = {"N": n, "K": k, "NK": n * k, "T": t, "games": q}
+        row = {"N": n, "K": k, "NK": m, "T": t, "games": q}
         results = {}
         for feedback in ("dense", "sorted"):
+            if feedback == "dense" and m > args.dense_max_slots:
+                continue
             config = GameConfig(num_rounds=t, mode=args.mode, schedule=args.schedule, feedback=feedback)
             run = lambda: delegation._play_batch(config, games, keys, params)  # noqa: E731
             start = time.perf_counter()
@@ -177,59 +199,84 @@ def compare_feedback(args, console) -> dict:
             size = delegation._play_batch._cache_size()
             wall, cpu, results[feedback] = timed(run, args.repeats)
             assert delegation._play_batch._cache_size() == size, "retraced on a second call"
-            compiled = delegation._play_batch.lower(config, games, keys, params).compile()
+            memory_games = 2**args.memory_log2
+            shapes = jax.tree.map(lambda x: jax.ShapeDtypeStruct((memory_games,) + x.shape[1:], x.dtype), games)
+            step = jax.ShapeDtypeStruct((memory_games,), jnp.float32)
+            lowered = delegation._play_batch.lower(config, shapes, jax.random.split(key, memory_games),
+                                                   GameParams(step_size=step))
+            temp = lowered.compile().memory_analysis().temp_size_in_bytes / 2**20
             row[feedback] = {
                 "game_rounds_per_s": q * t / wall,
                 "wall_s": wall,
                 "cpu_s": cpu,
                 "us_per_game_round": wall / (q * t) * 1e6,
                 "compile_s": max(first - wall, 0.0),
-                "temp_mib": compiled.memory_analysis().temp_size_in_bytes / 2**20,
+                "temp_mib": temp,
                 "peak_rss_mib": peak_rss_mib(),
             }
-        row["speedup"] = row["sorted"]["game_rounds_per_s"] / row["dense"]["game_rounds_per_s"]
-        row["max_abs_diff_average_policy"] = float(
-            np.max(np.abs(np.asarray(results["dense"].average_policy) - np.asarray(results["sorted"].average_policy)))
-        )
-        row["max_abs_diff_nash_gap"] = float(
-            np.max(np.abs(np.asarray(results["dense"].nash_gap) - np.asarray(results["sorted"].nash_gap)))
-        )
+        config = GameConfig(num_rounds=t, mode=args.mode, schedule=args.schedule)
+        if m <= args.numpy_max_slots and not numpy_over:
+            fit = max(1, int(args.numpy_mib * 2**20 // (6 * 4 * m * m)))
+            sub = slice_games(base, min(q, fit))
+            row["numpy"], numpy_result = _time_reference(
+                lambda *a, **kw: reference.play_numpy(*a, dtype=np.float32, **kw), config, sub,
+                GameParams.create(args.step_size), key, args.numpy_budget_s)
+            numpy_over = row["numpy"]["wall_s"] > args.numpy_budget_s
+            del numpy_result
+        if m <= args.python_max_slots and not python_over:
+            sub = slice_games(base, max(1, min(args.python_games, q, int(4096 // m))))
+            row["python"], _ = _time_reference(reference.play_python, config, sub,
+                                                GameParams.create(args.step_size), key, args.python_budget_s)
+            python_over = row["python"]["wall_s"] > args.python_budget_s
+        best = row.get("sorted", row.get("dense"))
+        for name in ("dense", "numpy", "python"):
+            if name in row:
+                row[f"sorted_vs_{name}"] = row["sorted"]["game_rounds_per_s"] / row[name]["game_rounds_per_s"]
+        if "dense" in results:
+            row["max_abs_diff_average_policy"] = float(np.max(np.abs(
+                np.asarray(results["dense"].average_policy) - np.asarray(results["sorted"].average_policy))))
         rows.append(row)
-        console.print(
-            f"N={n} K={k} ({q} games): dense {row['dense']['game_rounds_per_s']:,.0f}/s, "
-            f"sorted {row['sorted']['game_rounds_per_s']:,.0f}/s (x{row['speedup']:.2f}), "
-            f"temp MiB {row['dense']['temp_mib']:.1f} / {row['sorted']['temp_mib']:.1f}, RSS {peak_rss_mib():.0f} MiB"
-        )
-        del results
+        parts = [f"{name} {row[name]['game_rounds_per_s']:,.0f}/s" for name in ("dense", "sorted", "numpy", "python")
+                 if name in row]
+        console.print(f"N={n} K={k} ({q} games): " + ", ".join(parts) + f", RSS {peak_rss_mib():.0f} MiB")
+        del results, best
 
-    def exponent(feedback, min_slots=1):
-        pts = [(r["NK"], r[feedback]["us_per_game_round"]) for r in rows if r["NK"] >= min_slots]
+    def exponent(name, min_slots=1, field="us_per_game_round"):
+        pts = [(r["NK"], r[name][field]) for r in rows if name in r and r["NK"] >= min_slots]
         x, y = np.log([p[0] for p in pts]), np.log([p[1] for p in pts])
         return float(np.polyfit(x, y, 1)[0]) if len(pts) >= 2 else None
 
-    fits = {
-        f"{fb}{'' if lo == 1 else f'_NK>={lo}'}": exponent(fb, lo) for fb in ("dense", "sorted") for lo in (1, 64)
-    }
-    table = Table(title=f"expected feedback, dense vs sorted: game-rounds/s (wall), T={t}, {args.mode}")
-    for col in ("N", "K", "NK", "games", "dense /s", "sorted /s", "sorted/dense", "compile s d/s",
-                "temp MiB d/s", "us/game-round d/s", "max|diff|"):
+    fits = {f"{name}{'' if lo == 1 else f'_NK>={lo}'}": exponent(name, lo)
+            for name in ("dense", "sorted", "numpy", "python") for lo in (1, 64)}
+    memory_fits = {f"{name}_NK>=64": exponent(name, 64, "temp_mib") for name in ("dense", "sorted")}
+    table = Table(title=f"ALIGN game engines, T={t}, {args.mode}: game-rounds/s (wall), one run")
+    for col in ("N", "K", "NK", "games", "dense /s", "sorted /s", "numpy /s", "python /s", "sorted/dense",
+                "sorted/numpy", "compile s d/s", f"temp MiB @2^{args.memory_log2} d/s"):
         table.add_column(col, justify="right")
+
+    def cell(r, name, fmt="{:,.0f}", field="game_rounds_per_s"):
+        return fmt.format(r[name][field]) if name in r else "-"
+
     for r in rows:
-        d, so = r["dense"], r["sorted"]
         table.add_row(
             str(r["N"]), str(r["K"]), str(r["NK"]), str(r["games"]),
-            f"{d['game_rounds_per_s']:,.0f}", f"{so['game_rounds_per_s']:,.0f}", f"{r['speedup']:.2f}x",
-            f"{d['compile_s']:.1f}/{so['compile_s']:.1f}", f"{d['temp_mib']:.1f}/{so['temp_mib']:.1f}",
-            f"{d['us_per_game_round']:.2f}/{so['us_per_game_round']:.2f}",
-            f"{max(r['max_abs_diff_average_policy'], r['max_abs_diff_nash_gap']):.1e}",
+            cell(r, "dense"), cell(r, "sorted"), cell(r, "numpy"), cell(r, "python"),
+            f"{r['sorted_vs_dense']:.2f}x" if "sorted_vs_dense" in r else "-",
+            f"{r['sorted_vs_numpy']:.1f}x" if "sorted_vs_numpy" in r else "-",
+            f"{cell(r, 'dense', '{:.1f}', 'compile_s')}/{cell(r, 'sorted', '{:.1f}', 'compile_s')}",
+            f"{cell(r, 'dense', '{:.0f}', 'temp_mib')}/{cell(r, 'sorted', '{:.0f}', 'temp_mib')}",
         )
     console.print(table)
     console.print(
         "fitted exponent b of cost per game-round ~ (N K)^b: "
         + ", ".join(f"{name} {b:.2f}" for name, b in fits.items() if b is not None)
     )
+    console.print(
+        f"fitted exponent of compiled temp memory (2^{args.memory_log2} games) ~ (N K)^b: "
+        + ", ".join(f"{name} {b:.2f}" for name, b in memory_fits.items() if b is not None)
+    )
     console.print(f"peak RSS of this process: {peak_rss_mib():.0f} MiB")
-    return {"rows": rows, "exponents": fits, "peak_rss_mib": peak_rss_mib()}
+    return {"rows": rows, "exponents": fits, "memory_exponents": memory_fits, "peak_rss_mib": peak_rss_mib()}
 
 
 def main(argv=None) -> dict:
@@ -250,13 +297,22 @@ def main(argv=None) -> dict:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--memory-games", type=int, default=1024, help="batch for the memory-vs-T analysis")
     parser.add_argument("--out", type=str, default=None, help="write the results as JSON here")
+    parser.add_argument("--peak-gbps", type=float, default=None,
+                        help="device memory bandwidth (GB/s): print the memory-traffic bound of each batch")
     parser.add_argument("--quick", action="store_true", help="2^8..2^10, 16 Python games, 1 repeat")
     parser.add_argument("--feedback", choices=("auto", "dense", "sorted"), default="auto",
                         help="GameConfig.feedback of the engine (dense = the [N,K,N,K] engine)")
-    parser.add_argument("--compare-feedback", action="store_true", help="dense vs sorted table on a grid instead")
-    parser.add_argument("--grid-agents", type=int, nargs="+", default=[2, 3, 8, 32])
-    parser.add_argument("--grid-candidates", type=int, nargs="+", default=[4, 16, 64])
+    parser.add_argument("--scaling", "--compare-feedback", dest="scaling", action="store_true",
+                        help="all implementations on N=3,K=16 and on the N x K grid, with growth exponents")
+    parser.add_argument("--grid-agents", type=int, nargs="+", default=[2, 3, 8, 32, 128])
+    parser.add_argument("--grid-candidates", type=int, nargs="+", default=[4, 16, 64, 256])
     parser.add_argument("--grid-budget", type=int, default=2**28, help="games per grid point ~ budget / (N K)^2")
+    parser.add_argument("--dense-max-slots", type=int, default=2048, help="skip the dense engine above this N*K")
+    parser.add_argument("--numpy-max-slots", type=int, default=2048, help="skip NumPy above this N*K")
+    parser.add_argument("--numpy-mib", type=float, default=1024, help="NumPy games capped to about this memory")
+    parser.add_argument("--python-max-slots", type=int, default=256, help="skip the Python loop above this N*K")
+    parser.add_argument("--python-budget-s", type=float, default=60.0, help="stop the Python loop after a run this long")
+    parser.add_argument("--memory-log2", type=int, default=12, help="games of the compiled-memory column (2^x)")
     args = parser.parse_args(argv)
     if args.quick:
         args.log2_min, args.log2_max, args.numpy_max_log2 = 8, 10, 10
@@ -268,9 +324,9 @@ def main(argv=None) -> dict:
     from rich.table import Table
 
     console = Console(width=160)
-    if args.compare_feedback:
+    if args.scaling:
         console.print(f"jax {jax.__version__} | device {jax.devices()[0]} | load avg {os.getloadavg()}")
-        result = {"compare_feedback": compare_feedback(args, console), "argv": sys.argv[1:] if argv is None else list(argv)}
+        result = {"scaling": scaling(args, console), "argv": sys.argv[1:] if argv is None else list(argv)}
         if args.out:
             with open(args.out, "w") as f:
                 json.dump(result, f, indent=2)
@@ -345,6 +401,15 @@ def main(argv=None) -> dict:
             "engine_game_rounds_per_s": batch * t / eng_wall,
             "peak_rss_mib_after_engine": peak_rss_mib(),
         }
+        # The memory-traffic bound: reading each game's inputs and writing its result once
+        # (the round loop's carry is O(N K) per game and could stay on chip).
+        io_bytes = (sum(np.asarray(x).nbytes for x in games) + sum(np.asarray(x).nbytes
+                    for x in jax.tree.leaves(eng_result))) / q
+        row["io_bytes_per_game"] = io_bytes
+        if args.peak_gbps:
+            bound = args.peak_gbps * 1e9 / io_bytes * t
+            row["traffic_bound_game_rounds_per_s"] = bound
+            row["share_of_traffic_bound"] = row["engine_game_rounds_per_s"] / bound
         if log2 <= args.numpy_max_log2 and not numpy_skip:
             numpy_games = slice_games(base_games, batch)
             if args.mode == "sampled":
@@ -371,6 +436,8 @@ def main(argv=None) -> dict:
             f"2^{log2}: engine {row['engine_game_rounds_per_s']:,.0f}/s"
             + (f", numpy {row['numpy_game_rounds_per_s']:,.0f}/s, x{row['speedup_vs_numpy']:.1f}" if "numpy_wall_s" in row else "")
             + f", x{row['speedup_vs_python']:.0f} vs python, peak RSS {row['peak_rss_mib_after_engine']:.0f} MiB"
+            + (f", {row['io_bytes_per_game']:.0f} B/game in+out: bound {row['traffic_bound_game_rounds_per_s']:,.0f}/s "
+               f"at {args.peak_gbps:g} GB/s ({100 * row['share_of_traffic_bound']:.2f}%)" if args.peak_gbps else "")
         )
         del eng_result
 

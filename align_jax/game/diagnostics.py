@@ -27,7 +27,9 @@ import jax
 import jax.numpy as jnp
 
 from align_jax.game.ranking import (
+    ROW_COUNT_MAX_SLOTS,
     ScoreOrder,
+    _descending_groups,
     exclusive_prefix_sum,
     expected_feedback_fn,
     resolve_feedback,
@@ -87,17 +89,38 @@ def nash_gap(candidates: CandidateSet, profile: jax.Array, feedback: Feedback = 
 
 
 def pareto_mask(candidates: CandidateSet) -> jax.Array:
-    """bool ``[N, K]``: valid and not dominated among the agent's own valid slots."""
+    """bool ``[N, K]``: valid and not dominated among the agent's own valid slots.
+
+    Slot ``k`` is dominated when another valid slot ``l`` of the same agent has
+    ``u_l >= u_k``, ``s_l >= s_k`` and one of them strictly.  Up to
+    ``K =`` :data:`~align_jax.game.ranking.ROW_COUNT_MAX_SLOTS` by pairwise
+    comparison (``[N, K, K]``); above, in ``O(N K log K)`` time and ``O(N K)``
+    memory: each agent's slots sorted by utility, then a running maximum of
+    the scores (``k`` is dominated iff the best score among strictly higher
+    utilities is ``>= s_k``, or among utilities ``>= u_k`` is ``> s_k``).
+    """
     u, s, valid = candidates.agent_utility, candidates.principal_score, candidates.valid
-    u_other, s_other = u[:, None, :], s[:, None, :]
-    u_self, s_self = u[:, :, None], s[:, :, None]
-    dominates = (
-        valid[:, None, :]
-        & (u_other >= u_self)
-        & (s_other >= s_self)
-        & ((u_other > u_self) | (s_other > s_self))
-    )
-    return valid & ~jnp.any(dominates, axis=-1)
+    k = valid.shape[-1]
+    if k <= ROW_COUNT_MAX_SLOTS:
+        u_other, s_other = u[:, None, :], s[:, None, :]
+        u_self, s_self = u[:, :, None], s[:, :, None]
+        dominates = (
+            valid[:, None, :]
+            & (u_other >= u_self)
+            & (s_other >= s_self)
+            & ((u_other > u_self) | (s_other > s_self))
+        )
+        return valid & ~jnp.any(dominates, axis=-1)
+    u = jnp.where(valid, u, -jnp.inf)
+    s = jnp.where(valid, s, -jnp.inf)
+
+    def row(u_row, s_row):
+        order, _, lo, hi = _descending_groups(u_row, ROW_COUNT_MAX_SLOTS)
+        best = jax.lax.associative_scan(jnp.maximum, s_row[order])
+        best = jnp.concatenate([jnp.full((1,), -jnp.inf, best.dtype), best])  # best[r]: max over the r first
+        return (best[lo] >= s_row) | (best[hi] > s_row)
+
+    return valid & ~jax.vmap(row)(u, s)
 
 
 def principal_pick(candidates: CandidateSet, submission: jax.Array) -> tuple[jax.Array, Outcome]:
@@ -228,34 +251,75 @@ def uniform_principal(candidates: CandidateSet, order: ScoreOrder | None = None)
     over the agents with a valid slot).
 
     With ``order`` (:func:`align_jax.game.ranking.score_order` of the scores)
-    the probabilities come from per-agent prefix counts in score order,
-    ``O(N^2 K)`` instead of ``O(N^2 K^2)``.
+    the product comes from running sums in score order, ``O(N K)`` instead
+    of ``O(N^2 K^2)`` (see :func:`_uniform_principal_sorted`).
     """
     s, valid = candidates.principal_score, candidates.valid
     n, k = s.shape
     num_valid = jnp.sum(valid, axis=-1, keepdims=True)
     uniform = valid / jnp.maximum(num_valid, 1)
-    if order is None:
-        query = s[:, :, None, None]
-        other = s[None, None, :, :]
-        p_less = jnp.einsum("ikjl,jl->ikj", (other < query).astype(jnp.float32), uniform)
-        p_leq = jnp.einsum("ikjl,jl->ikj", (other <= query).astype(jnp.float32), uniform)
-    else:
-        # counts[r, j]: agent j's valid slots among the r highest scores.
-        ranked = order.gather[: n * k]
-        held = ((ranked // k)[:, None] == jnp.arange(n)[None, :]) & valid.reshape(n * k)[ranked][:, None]
-        counts = exclusive_prefix_sum(held.astype(jnp.float32))  # [M + 1, N]
-        greater, at_least = counts[order.bounds[0]], counts[order.bounds[1]]  # [N, K, N]
-        total = num_valid[:, 0].astype(jnp.float32)
-        scale = 1.0 / jnp.maximum(total, 1.0)
-        p_less = (total - at_least) * scale
-        p_leq = (total - greater) * scale
+    if order is not None:
+        return _uniform_principal_sorted(candidates, order, uniform, num_valid[:, 0])
+    query = s[:, :, None, None]
+    other = s[None, None, :, :]
+    p_less = jnp.einsum("ikjl,jl->ikj", (other < query).astype(jnp.float32), uniform)
+    p_leq = jnp.einsum("ikjl,jl->ikj", (other <= query).astype(jnp.float32), uniform)
     agent = jnp.arange(n)
     lower = agent[None, :] < agent[:, None]  # [i, j]: j < i
     higher = agent[None, :] > agent[:, None]
     factor = jnp.where(lower[:, None, :], p_less, jnp.where(higher[:, None, :], p_leq, 1.0))
     factor = jnp.where((num_valid[:, 0] > 0)[None, None, :], factor, 1.0)  # abstaining agents
     weight = uniform * jnp.prod(factor, axis=-1)
+    return Outcome(
+        principal_value=jnp.sum(weight * jnp.where(valid, candidates.principal_value, 0.0)),
+        correct=jnp.sum(weight * candidates.correct.astype(jnp.float32)),
+    )
+
+
+def _uniform_principal_sorted(candidates: CandidateSet, order: ScoreOrder, uniform, num_valid) -> Outcome:
+    """:func:`uniform_principal` in ``O(N K)`` from the game's :class:`ScoreOrder`.
+
+    Walk all slots by ascending score, ties by descending agent.  Let
+    ``c_j(p)`` count agent ``j``'s valid slots among the first ``p``.  Slot
+    ``(i, k)``'s factor ``prod_{j != i} P_j`` is ``prod_{j != i} c_j(p) / K_j``
+    at ``p`` = the slots scored below ``s_i(k)`` plus its tie group's slots of
+    agents ``> i`` (strict for lower agents, non-strict for higher ones, as
+    the principal breaks ties toward the lower index).  ``sum_j log(c_j / K_j)``
+    over the agents with ``c_j > 0`` and the number of agents with ``c_j = 0``
+    are running sums along that walk (each slot moves its agent's count by
+    one), read at ``p``; agent ``i``'s own term is taken out.
+    """
+    s, valid = candidates.principal_score, candidates.valid
+    n, k = s.shape
+    m = n * k
+    position = jnp.arange(m, dtype=jnp.int32)
+    agent = position // k
+    descending = order.gather[:m]  # descending position -> flat slot
+    rank = jnp.zeros((m,), jnp.int32).at[descending].set(position)
+    own_rank = jnp.zeros((m,), jnp.int32).at[order.gather[m:]].set(position % k)
+    own_hi = (order.bounds[3] - order.block[:, None]).reshape(m)
+    flat_valid = valid.reshape(m)
+    total = num_valid.astype(jnp.float32)  # K_j
+    # valid_above[f]: agent's valid slots ranked above slot f in its own descending order.
+    own_valid = exclusive_prefix_sum(flat_valid[order.gather[m:]].astype(jnp.int32))  # [M + 1]
+    block_base = own_valid[k * agent]
+    valid_above = own_valid[k * agent + own_rank] - block_base
+    below = total[agent] - 1.0 - valid_above.astype(jnp.float32)  # c_j before this slot, walking up
+    log_total = jnp.log(jnp.maximum(total, 1.0))[agent]
+    step = jnp.where(below > 0, jnp.log1p(1.0 / jnp.maximum(below, 1.0)), -log_total)
+    step = jnp.where(flat_valid, step, 0.0)
+    first = (flat_valid & (below == 0)).astype(jnp.int32)
+    # Ascending walk = descending order reversed: running sums from the end.
+    log_sum = exclusive_prefix_sum(step[descending][::-1])  # [M + 1]: over the p lowest
+    started = exclusive_prefix_sum(first[descending][::-1])
+    walked = m - (rank + own_hi - own_rank)  # p per slot
+    own_below = total[agent] - (own_valid[k * agent + own_hi] - block_base).astype(jnp.float32)
+    present = jnp.sum(num_valid > 0)
+    zeros = present - started[walked] - (own_below == 0).astype(jnp.int32)
+    log_others = log_sum[walked] - jnp.where(own_below > 0, jnp.log(jnp.maximum(own_below, 1.0)) - log_total, 0.0)
+    # A product of probabilities: <= 1 (clamped against rounding; padding slots get 0).
+    factor = jnp.where(flat_valid & (zeros == 0), jnp.exp(jnp.minimum(log_others, 0.0)), 0.0).reshape(n, k)
+    weight = uniform * factor
     return Outcome(
         principal_value=jnp.sum(weight * jnp.where(valid, candidates.principal_value, 0.0)),
         correct=jnp.sum(weight * candidates.correct.astype(jnp.float32)),

@@ -66,8 +66,8 @@ FEEDBACK_METHODS = ("auto", "dense", "sorted")
 
 # ``"auto"`` uses the sorted form from this many slots ``N K`` on (the dense form
 # below).  Measured on the 2-core CPU with ``experiments/bench_game.py
-# --compare-feedback`` (full game, expected mode, T=20): sorted/dense throughput
-# 0.5-0.75x at N K <= 48, 0.98-1.38x at N K = 128, 4x at 512, 24x at 2048.
+# --scaling`` (full game, expected mode, T=20): sorted/dense throughput
+# 0.38-0.75x at N K <= 48, 0.79-1.42x at N K = 128, 3.7-11x at 512, 24-41x at 2048.
 SORTED_MIN_SLOTS = 128
 
 
@@ -151,16 +151,17 @@ def exclusive_prefix_sum(x: jax.Array) -> jax.Array:
     return jnp.concatenate([jnp.zeros((1,) + x.shape[1:], x.dtype), running], axis=0)
 
 
-def _descending_groups(score: jax.Array):
+def _descending_groups(score: jax.Array, count_max: Optional[int] = None):
     """Rank ``[M]`` scores in descending order (stable); each one's tie group ``[lo, hi)``.
 
     Returns ``(order, rank, lo, hi)``: ``order[r]`` the index at descending
     position ``r``, ``rank`` its inverse; ``lo``, ``hi`` in input order.
-    Scores must not be NaN.
+    Scores must not be NaN.  Up to ``count_max`` scores (default
+    :data:`COUNT_MAX_SLOTS`) by ``O(M^2)`` comparison counting, else one sort.
     """
     m = score.shape[0]
     index = jnp.arange(m, dtype=jnp.int32)
-    if m <= COUNT_MAX_SLOTS:
+    if m <= (COUNT_MAX_SLOTS if count_max is None else count_max):
         query, other = score[:, None], score[None, :]
         lo = jnp.sum(other > query, axis=-1, dtype=jnp.int32)
         hi = jnp.sum(other >= query, axis=-1, dtype=jnp.int32)
@@ -183,31 +184,33 @@ def _descending_groups(score: jax.Array):
 def score_order(principal_score: jax.Array) -> ScoreOrder:
     """Ranks one game's scores ``[N, K]`` once.
 
-    One sort of the ``N K`` scores (comparison counting for small ``N K``);
-    each agent's own order and tie groups follow from it by per-agent running
-    counts in that order (``O(N^2 K)``, no second sort).  NaN scores (padding)
-    are ranked as ``-inf``: they carry zero mass and the valid scores are
-    finite, so they change nobody's feedback.
+    One sort of the ``N K`` scores (comparison counting for small ``N K``)
+    and one per agent of its ``K`` scores (counting for ``K <=``
+    :data:`ROW_COUNT_MAX_SLOTS`): ``O(N K log(N K))`` time, ``O(N K)``
+    memory.  NaN scores (padding) are ranked as ``-inf``: they carry zero
+    mass and the valid scores are finite, so they change nobody's feedback.
     """
     n, k = principal_score.shape
     m = n * k
-    score = jnp.where(jnp.isnan(principal_score), -jnp.inf, principal_score).reshape(m)
-    order, rank, lo, hi = _descending_groups(score)
-    agents = jnp.arange(n, dtype=jnp.int32)
-    slot_owner = jnp.arange(m, dtype=jnp.int32) // k
-    # counts[r, j]: agent j's slots among the r highest-ranked.
-    held = (order // k)[:, None] == agents[None, :]
-    counts = exclusive_prefix_sum(held.astype(jnp.float32)).astype(jnp.int32)  # [M + 1, N]
-    own_rank = counts[rank, slot_owner]
-    own_lo, own_hi = counts[lo, slot_owner], counts[hi, slot_owner]
-    block = m + k * agents
-    own_gather = jnp.zeros((m,), jnp.int32).at[slot_owner * k + own_rank].set(jnp.arange(m, dtype=jnp.int32))
-    offset = m + slot_owner * k
+    score = jnp.where(jnp.isnan(principal_score), -jnp.inf, principal_score)
+    order, _, lo, hi = _descending_groups(score.reshape(m))
+    own_order, own_rank, own_lo, own_hi = _agent_groups(score)  # [N, K] each
+    offset = (m + k * jnp.arange(n, dtype=jnp.int32))[:, None]
+    own_gather = (own_order + k * jnp.arange(n, dtype=jnp.int32)[:, None]).reshape(m)
     return ScoreOrder(
         gather=jnp.concatenate([order, own_gather]),
-        bounds=jnp.stack([lo, hi, own_lo + offset, own_hi + offset]).reshape(4, n, k),
-        block=block,
+        bounds=jnp.stack([lo.reshape(n, k), hi.reshape(n, k), own_lo + offset, own_hi + offset]),
+        block=offset[:, 0],
     )
+
+
+# Each agent's own K scores are ranked by comparison counting up to this K.
+ROW_COUNT_MAX_SLOTS = 16
+
+
+def _agent_groups(score: jax.Array):
+    """:func:`_descending_groups` of each agent's row of ``[N, K]`` scores (``[N, K]`` outputs)."""
+    return jax.vmap(lambda row: _descending_groups(row, ROW_COUNT_MAX_SLOTS))(score)
 
 
 def sorted_ranking_feedback(

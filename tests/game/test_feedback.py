@@ -171,3 +171,59 @@ def test_sorted_baselines_equal_dense(seed, n, k):
     fast = jax.vmap(lambda c: diagnostics.baselines(c, "sorted"))(candidates)
     for got, want in zip(jax.tree.leaves(fast), jax.tree.leaves(dense)):
         np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_linear_memory_baselines_equal_dense_on_tied_padded_games():
+    """The O(N K) uniform principal (log-space running sums) and the Pareto mask equal the
+    dense forms on games with score ties within and across agents, NaN and finite padding,
+    an abstaining agent, a single agent; K = 20 > ROW_COUNT_MAX_SLOTS takes the row sorts."""
+    assert ranking.ROW_COUNT_MAX_SLOTS < 20
+    rng = np.random.default_rng(7)
+
+    @jax.jit
+    @jax.vmap
+    def both(game):
+        order = ranking.score_order(game.principal_score)
+        return (diagnostics.uniform_principal(game), diagnostics.uniform_principal(game, order),
+                diagnostics.pareto_mask(game))
+
+    for n, k in [(1, 5), (3, 20), (12, 6)]:
+        q = 6
+        valid = rng.random((q, n, k)) < 0.75
+        valid[..., 0] = True
+        if n > 2:
+            valid[:, 1] = False  # abstains
+        score = (rng.integers(-4, 5, (q, n, k)) / 2.0).astype(np.float32)  # many ties
+        pad = np.where(np.arange(q) % 2, np.float32(np.nan), np.float32(0.5))[:, None, None]  # finite padding ties
+        utility = (rng.integers(0, 5, (q, n, k)) / 4.0).astype(np.float32)
+        games = CandidateSet(
+            answer_id=jnp.asarray(rng.integers(0, 4, (q, n, k)), jnp.int32),
+            valid=jnp.asarray(valid),
+            agent_utility=jnp.asarray(np.where(valid, utility, pad)),
+            principal_score=jnp.asarray(np.where(valid, score, pad)),
+            principal_value=jnp.asarray(rng.normal(size=(q, n, k)).astype(np.float32)),
+            correct=jnp.asarray(rng.random((q, n, k)) < 0.3),
+        )
+        dense, fast, mask = both(games)
+        for got, want in zip(fast, dense):
+            np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-6, err_msg=f"N={n} K={k}")
+        u, s = utility[..., :, None, :], score[..., :, None, :]  # [Q, N, self, other]
+        u_self, s_self = utility[..., :, :, None], score[..., :, :, None]
+        dominated = (valid[..., :, None, :] & (u >= u_self) & (s >= s_self) & ((u > u_self) | (s > s_self))).any(-1)
+        np.testing.assert_array_equal(mask, valid & ~dominated, err_msg=f"N={n} K={k}")
+
+
+def test_sorted_engine_memory_is_linear_in_slots():
+    """Compiled temp memory of the sorted engine depends on N*K, not on N and K apart (no N^2 K or N K^2 term)."""
+    def temp_bytes(n, k, q=8):
+        shape = lambda dtype: jax.ShapeDtypeStruct((q, n, k), dtype)  # noqa: E731
+        games = CandidateSet(shape(jnp.int32), shape(bool), shape(jnp.float32), shape(jnp.float32),
+                             shape(jnp.float32), shape(bool))
+        keys = jax.random.split(jax.random.PRNGKey(0), q)
+        step = GameParams(step_size=jax.ShapeDtypeStruct((q,), jnp.float32))
+        config = GameConfig(num_rounds=2, feedback="sorted")
+        return _play_batch.lower(config, games, keys, step).compile().memory_analysis().temp_size_in_bytes
+
+    wide, tall, big = temp_bytes(2, 64), temp_bytes(16, 8), temp_bytes(8, 32)  # N*K = 128, 128, 256
+    assert max(wide, tall) / min(wide, tall) < 1.5
+    assert 1.5 < big / ((wide + tall) / 2) < 2.7
