@@ -6,6 +6,7 @@
     align-jax replay configs/reason_small.yaml      swap the principal on a finished reason run (no model)
     align-jax cage configs/cage_small.yaml          CAGE multi-objective decoding over a weight grid
                                                     (``align-jax align`` is its deprecated old name)
+    align-jax econ train|eval configs/econ_sim.yaml ECON in simulation: train (resumable), evaluate
 
 Every command runs on the shared runner (:mod:`align_jax.runner`) and reports bad input
 here, in one place: ``align-jax: error: <file>:<line>: <field>: <message>`` and exit 2.
@@ -54,6 +55,7 @@ def _add_device_arguments(parser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
     from align_jax.methods.cage import add_cage_subcommand
+    from align_jax.methods.econ.run import add_econ_subcommand
     from align_jax.methods.reason import add_reason_subcommand
     from align_jax.methods.replay import add_replay_subcommand
     from align_jax.runner import add_run_arguments
@@ -67,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_reason_subcommand(sub)
     add_replay_subcommand(sub)
     add_cage_subcommand(sub)
+    add_econ_subcommand(sub)
     return parser
 
 

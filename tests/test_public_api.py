@@ -8,7 +8,8 @@ import pytest
 PACKAGES = ["align_jax", "align_jax.game", "align_jax.data", "align_jax.llm", "align_jax.methods",
             "align_jax.methods.cage", "align_jax.methods.principals", "align_jax.runner", "align_jax.registry",
             "align_jax.methods.reason_methods", "align_jax.methods.generators", "align_jax.methods.rows",
-            "align_jax.game.learner", "align_jax.game.conformance", "align_jax.llm.decoding"]
+            "align_jax.game.learner", "align_jax.game.conformance", "align_jax.llm.decoding",
+            "align_jax.methods.econ"]
 
 
 def public_names():

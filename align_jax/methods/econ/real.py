@@ -1,0 +1,212 @@
+"""ECON with real LLMs through our sampler: coordinator strategy, executors with per-row
+temperature / top-p chosen by the belief networks, an LLM commitment, the stop rule.
+
+One call of :func:`run_econ_questions` processes Q questions together (B = Q x N executor
+rows per round in ONE ``generate_chat`` call, each row with its own temperature and top-p)::
+
+    round 0:  coordinator (Q prompts)  -> strategy s_q (<= strategy_tokens, no answer) + format
+    round t:  executor i of question q sees (question, s_q, format, commitment c_q^{t-1}) only,
+              never the other executors' outputs; its action (tau_i, p_i) = grid[argmax_a Q_i(o_i, a)]
+              (belief networks, greedy) or a fixed / random baseline policy
+              coordinator (Q prompts) sees the N answers -> commitment c_q^t (an LLM call;
+              majority vote of the executors when its output has no extractable answer)
+    stop:     c_q^t = c_q^{t-1} (t >= 1), or Var_i(tau_i) + Var_i(p_i) < variance_threshold,
+              or t = max_rounds - 1
+
+The executors' observation is the simulator's layout (:func:`~align_jax.methods.econ.sim.observation_dim`):
+the difficulty and strategy views are unobserved (0) for real questions; the previous
+action, agreement with the previous commitment, the commitment features
+``[vote share, changed, unanimity]`` and the one-hot round come from the run itself.  So a
+policy trained in simulation applies unchanged (sim-to-real transfer; its difficulty
+input is 0, i.e. an average question).
+
+Rewards of a round (returned for training and diagnostics): R_TS = [a_i = gold],
+R_AL = [a_i = commitment] (exact answer equivalence; the paper's sentence-embedding
+cosine is not implemented here), R_CC = (R_AL + novelty) / 2 as in the simulator.
+
+Rows are plain dicts with the answer, correctness, rounds, the chosen parameters and the
+cost (model calls, generated and prompt tokens), the fields of a reason row's method record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from align_jax.data.answers import canonicalize, is_correct
+from align_jax.data import extract_answer
+from align_jax.methods.econ.networks import EconNetworks, EconParams
+from align_jax.methods.econ.sim import COMMITMENT_DIM, normalise_action, observation_dim
+from align_jax.methods.econ.config import SimConfig
+
+__all__ = ["RealEconSettings", "STRATEGY_PROMPT", "COMMIT_PROMPT", "belief_policy", "fixed_policy",
+           "run_econ_questions", "real_observation_dim"]
+
+STRATEGY_PROMPT = ("You coordinate a team solving a math problem. In at most two sentences, give a strategy "
+                   "for solving it. Do NOT compute or state the answer. Then say: 'Answer format: \\boxed{}'.\n\n"
+                   "Problem: {question}")
+EXECUTOR_PROMPT = ("{question}\n\nCoordinator's strategy: {strategy}\n{commitment}"
+                   "Please reason step by step, and put your final answer within \\boxed{{}}.")
+COMMIT_PROMPT = ("Problem: {question}\n\nThe executors proposed these answers:\n{answers}\n\n"
+                 "Which answer is correct? Reply with the final answer within \\boxed{{}}.")
+
+
+@dataclasses.dataclass(frozen=True)
+class RealEconSettings:
+    """Static settings of the real pipeline.
+
+    Attributes:
+      model: the model name / path for the coordinator and the executors.
+      num_executors: N.
+      max_rounds: T (paper: 5).
+      variance_threshold: stop when ``Var(tau) + Var(p)`` across executors is below it (0.01).
+      strategy_tokens: the coordinator's strategy budget (paper: 50).
+      executor_tokens, commit_tokens: generation budgets.
+      coordinator_temperature: the coordinator's sampling temperature (top-p 0.95).
+    """
+
+    model: str
+    num_executors: int = 3
+    max_rounds: int = 5
+    variance_threshold: float = 0.01
+    strategy_tokens: int = 50
+    executor_tokens: int = 256
+    commit_tokens: int = 64
+    coordinator_temperature: float = 0.7
+
+
+def belief_policy(nets: EconNetworks, params: EconParams) -> Callable:
+    """``obs [B, N, F] -> (temperature [B, N], top_p [B, N])``, greedy w.r.t. the belief networks'
+    local Q (one jitted forward per round)."""
+    from align_jax.methods.econ.train import greedy_actions
+
+    grid = jnp.asarray(nets.grid, jnp.float32)
+
+    @jax.jit
+    def act(obs):
+        index = greedy_actions(nets, params, obs)
+        return grid[index, 0], grid[index, 1]
+
+    return lambda obs: tuple(np.asarray(x) for x in act(jnp.asarray(obs, jnp.float32)))
+
+
+def fixed_policy(temperature: float, top_p: float) -> Callable:
+    """Every executor at one (temperature, top-p)."""
+    return lambda obs: (np.full(obs.shape[:2], temperature), np.full(obs.shape[:2], top_p))
+
+
+def _observations(n: int, max_rounds: int, round_: int, prev_action, prev_agree, prev_features) -> np.ndarray:
+    """[Q, N, F] in the simulator's layout (difficulty and strategy views unobserved = 0)."""
+    q = prev_agree.shape[0]
+    feats = np.concatenate([
+        np.zeros((q, n, 2)), prev_action, prev_agree[..., None],
+        np.broadcast_to(prev_features[:, None, :], (q, n, COMMITMENT_DIM)),
+        np.broadcast_to(np.eye(max_rounds)[round_], (q, n, max_rounds)), np.ones((q, n, 1))], axis=-1)
+    return feats.astype(np.float32)
+
+
+def run_econ_questions(pool, settings: RealEconSettings, questions: Sequence[str], golds: Sequence[str],
+                       policy: Callable, key: jax.Array) -> list[dict]:
+    """Runs ECON on Q questions (see the module docstring); one row per question.
+
+    Args:
+      pool: a :class:`~align_jax.methods.candidates.ModelPool`.
+      policy: ``obs [Q, N, F] -> (temperature [Q, N], top_p [Q, N])`` (:func:`belief_policy`,
+        :func:`fixed_policy`).
+      key: consumed; round t's executors use ``fold_in(key, 2 t + 1)``, its commitment
+        ``fold_in(key, 2 t + 2)``, the strategy ``fold_in(key, 0)``.
+    Returns:
+      Q dicts: ``answer, correct, rounds, strategy, commitments, temperatures, top_ps,
+      reward_components, cost {calls, gen_tokens, prompt_tokens}``.
+    """
+    q_num, n, t_max = len(questions), settings.num_executors, settings.max_rounds
+    model = settings.model
+    cost = np.zeros((q_num, 3), np.int64)  # calls, gen tokens, prompt tokens
+
+    def generate(conversations, k, max_new_tokens, temperature, top_p, owners):
+        out = pool.generate_chat(model, conversations, key=k, num_samples=1, max_new_tokens=max_new_tokens,
+                                 temperature=np.asarray(temperature, np.float32), top_p=np.asarray(top_p, np.float32))
+        for row, owner in enumerate(owners):
+            if owner >= 0:
+                cost[owner] += (1, int(out.tokens[row].sum()), int(out.prompt_tokens[row]))
+        return [texts[0] for texts in out.texts]
+
+    strategies = generate([[{"role": "user", "content": STRATEGY_PROMPT.replace("{question}", q)}] for q in questions],
+                          jax.random.fold_in(key, 0), settings.strategy_tokens,
+                          np.full(q_num, settings.coordinator_temperature), np.full(q_num, 0.95), range(q_num))
+    active = np.ones(q_num, bool)
+    commitments: list[list[Optional[str]]] = [[] for _ in range(q_num)]
+    temps: list[list[list[float]]] = [[] for _ in range(q_num)]
+    tops: list[list[list[float]]] = [[] for _ in range(q_num)]
+    rewards: list[list] = [[] for _ in range(q_num)]
+    rounds = np.zeros(q_num, int)
+    prev_action = np.zeros((q_num, n, 2))
+    prev_agree = np.zeros((q_num, n))
+    prev_features = np.zeros((q_num, COMMITMENT_DIM))
+    for t in range(t_max):
+        obs = _observations(n, t_max, t, prev_action, prev_agree, prev_features)
+        temperature, top_p = (np.clip(x, lo, hi) for x, (lo, hi) in zip(policy(obs), ((0.1, 2.0), (0.1, 0.95))))
+        conversations, owners = [], []
+        for q in range(q_num):  # every row every round (static batch shape); finished questions are not billed
+            previous = commitments[q][-1] if commitments[q] else None
+            note = f"Coordinator's previous commitment: {previous}\n" if previous is not None else ""
+            text = EXECUTOR_PROMPT.format(question=questions[q], strategy=strategies[q].strip(), commitment=note)
+            conversations += [[{"role": "user", "content": text}]] * n
+            owners += [q if active[q] else -1] * n
+        texts = generate(conversations, jax.random.fold_in(key, 2 * t + 1), settings.executor_tokens,
+                         temperature.reshape(-1), top_p.reshape(-1), owners)
+        answers = [[extract_answer(texts[q * n + i]) for i in range(n)] for q in range(q_num)]
+        listing = ["\n".join(f"Executor {i + 1}: {a if a is not None else '(no answer)'}" for i, a in enumerate(row))
+                   for row in answers]
+        commit_texts = generate([[{"role": "user", "content": COMMIT_PROMPT.format(question=questions[q],
+                                                                                   answers=listing[q])}]
+                                 for q in range(q_num)], jax.random.fold_in(key, 2 * t + 2), settings.commit_tokens,
+                                np.full(q_num, settings.coordinator_temperature), np.full(q_num, 0.95),
+                                [q if active[q] else -1 for q in range(q_num)])
+        for q in range(q_num):
+            if not active[q]:
+                continue
+            row = answers[q]
+            ids = canonicalize(list(row) + [extract_answer(commit_texts[q])])
+            votes = [i for i in ids[:n] if i >= 0]
+            commit_id = ids[n] if ids[n] >= 0 else (max(set(votes), key=votes.count) if votes else -1)
+            commitment = (row[list(ids[:n]).index(commit_id)] if commit_id in ids[:n]
+                          else extract_answer(commit_texts[q])) if commit_id >= 0 else None
+            agree = np.array([float(commit_id >= 0 and i == commit_id) for i in ids[:n]])
+            others = np.array([sum(ids[j] == ids[i] for j in range(n) if j != i) for i in range(n)], float)
+            novelty = 1.0 - others / max(n - 1, 1)
+            correct = np.array([float(a is not None and is_correct(a, golds[q])) for a in row])
+            rewards[q].append(np.stack([correct, agree, 0.5 * (agree + novelty)], 1).tolist())
+            changed = float(t > 0 and commitment != commitments[q][-1])
+            share = float(agree.mean())
+            prev_features[q] = [share, changed, float(share >= 1.0)]
+            stop = ((t > 0 and commitment == commitments[q][-1]) or t == t_max - 1
+                    or np.var(temperature[q]) + np.var(top_p[q]) < settings.variance_threshold)
+            commitments[q].append(commitment)
+            temps[q].append(temperature[q].tolist())
+            tops[q].append(top_p[q].tolist())
+            prev_agree[q] = agree
+            rounds[q] = t + 1
+            if stop:
+                active[q] = False
+        prev_action = np.asarray(normalise_action(jnp.asarray(temperature), jnp.asarray(top_p)))
+        if not active.any():
+            break
+    rows = []
+    for q in range(q_num):
+        answer = commitments[q][-1]
+        rows.append(dict(answer=answer, correct=float(answer is not None and is_correct(answer, golds[q])),
+                         rounds=int(rounds[q]), strategy=strategies[q], commitments=commitments[q],
+                         temperatures=temps[q], top_ps=tops[q], reward_components=rewards[q],
+                         cost=dict(calls=int(cost[q, 0]), gen_tokens=int(cost[q, 1]),
+                                   prompt_tokens=int(cost[q, 2]))))
+    return rows
+
+
+def real_observation_dim(settings: RealEconSettings) -> int:
+    """F of the real pipeline's observations (the simulator's, for ``max_rounds``)."""
+    return observation_dim(SimConfig(num_executors=settings.num_executors, max_rounds=settings.max_rounds))

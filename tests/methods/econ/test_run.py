@@ -1,0 +1,169 @@
+"""``align-jax econ train|eval``: checkpoints, resume after a kill == uninterrupted, eval rows
+and summary, and bad input (foreign or corrupt checkpoint directories, bad configs) refused
+with the directory / file and field named and nothing overwritten.
+
+The tiny run of conftest ``trained_tiny`` (compiled once) is the uninterrupted reference.
+"""
+
+import dataclasses
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from align_jax.cli import main
+from align_jax.methods.econ.checkpoint import CheckpointError
+from align_jax.methods.econ.run import econ_run_dir, eval_run, train_run
+
+from tests.methods.econ.conftest import known_best_config
+
+
+def _assert_trees_equal(a, b, rtol=1e-6, atol=1e-6):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        if jnp.issubdtype(x.dtype, jax.dtypes.prng_key):
+            x, y = jax.random.key_data(x), jax.random.key_data(y)
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=rtol, atol=atol)
+
+
+def _snapshot(directory: Path) -> dict:
+    return {str(p.relative_to(directory)): (p.stat().st_mtime_ns, p.stat().st_size)
+            for p in sorted(directory.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def resumed(trained_tiny, tmp_path_factory):
+    """The tiny run killed after its first checkpoint (step 512), then rerun to the end."""
+    config = dataclasses.replace(known_best_config(str(tmp_path_factory.mktemp("econ_runs"))))
+    trainer = trained_tiny["trainer"]
+    first = train_run(config, progress=False, figures=False, stop_after_segments=1, trainer=trainer)
+    second = train_run(config, progress=False, figures=False, trainer=trainer)
+    return dict(config=config, first=first, second=second)
+
+
+def test_resume_after_kill_equals_the_uninterrupted_run(trained_tiny, resumed):
+    first, second = resumed["first"], resumed["second"]
+    assert (first.finished, first.steps_run, first.resumed_from) == (False, 512, 0)
+    assert (second.finished, second.steps_run, second.resumed_from) == (True, 512, 512)
+    _assert_trees_equal(second.state, trained_tiny["final"])
+    directory = econ_run_dir(resumed["config"])
+    assert sorted(p.name for p in (directory / "checkpoints").iterdir()) == ["1024", "512", "settings.json"]
+    assert (directory / "train_curve.csv").exists()
+    # the compiled programs were shared with the uninterrupted run: nothing retraced
+    assert trained_tiny["segment"]._cache_size() == 1
+
+
+def test_eval_writes_rows_and_summary_once(trained_tiny, resumed):
+    config = resumed["config"]
+    summary = eval_run(config, progress=False, figures=False, trainer=trained_tiny["trainer"])
+    directory = econ_run_dir(config)
+    lines = (directory / "results.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * 4  # seeds x policies
+    learned = trained_tiny["result"].learned.accuracy
+    assert summary["policies"]["learned"]["accuracy"] == pytest.approx(float(np.mean(learned)), abs=1e-6)
+    assert summary["policies"]["fixed"]["learned_minus"] > 0.1
+    eval_run(config, progress=False, figures=False, trainer=trained_tiny["trainer"])  # rerun adds nothing
+    assert (directory / "results.jsonl").read_text().splitlines() == lines
+    assert "| learned |" in (directory / "summary.md").read_text()
+
+
+def test_checkpoints_of_another_config_are_refused(trained_tiny, resumed):
+    config = resumed["config"]
+    directory = econ_run_dir(config)
+    before = _snapshot(directory)
+    other = dataclasses.replace(config, train=dataclasses.replace(config.train, learning_rate=5e-4))
+    with pytest.raises(CheckpointError) as info:
+        train_run(other, progress=False, figures=False, trainer=trained_tiny["trainer"])
+    message = str(info.value)
+    assert str(directory / "checkpoints") in message and "train.learning_rate: 0.001 -> 0.0005" in message
+    assert _snapshot(directory) == before  # nothing overwritten, not even config.json
+
+
+def test_a_corrupt_checkpoint_is_named_and_kept(trained_tiny, resumed, tmp_path):
+    config = dataclasses.replace(resumed["config"], run=dataclasses.replace(resumed["config"].run,
+                                                                           output_dir=str(tmp_path)))
+    src, dst = econ_run_dir(resumed["config"]), econ_run_dir(config)
+    shutil.copytree(src, dst)
+    files = [p for p in (dst / "checkpoints" / "1024").rglob("*") if p.is_file() and p.stat().st_size > 64
+             and "meta" not in p.parts]
+    assert files
+    for path in files:  # overwrite the middle of every data file
+        data = bytearray(path.read_bytes())
+        mid = len(data) // 2
+        data[mid:mid + 32] = os.urandom(32)
+        path.write_bytes(bytes(data))
+    before = _snapshot(dst)
+    with pytest.raises(CheckpointError, match=r"checkpoints/1024"):
+        train_run(config, progress=False, figures=False, trainer=trained_tiny["trainer"])
+    assert _snapshot(dst) == before
+
+
+def _yaml(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "econ.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("reward_weights: {ts: 0.5, style: 0.5}\n", r"econ.yaml:1: reward_weights.style: unknown reward"),
+    ("reward_weights:\n  ts: 0.5\n  al: -0.3\n", r"econ.yaml:3: reward_weights.al: must be >= 0"),
+    ("sim:\n  num_executors: 0\n", r"econ.yaml:2: sim.num_executors: must be an integer >= 1"),
+    ("env:\n  overrides: {bogus: 1.0}\n", r"econ.yaml:2: env.overrides.bogus: unknown simulator parameter"),
+    ("run:\n  checkpoint_every: 3\n", r"econ.yaml:2: run.checkpoint_every: must be a multiple"),
+])
+def test_cli_reports_bad_configs_with_file_line_and_field(tmp_path, capsys, text, expected):
+    path = _yaml(tmp_path, text)
+    assert main(["econ", "train", str(path), "--output-dir", str(tmp_path / "out"), "--quiet"]) == 2
+    assert expected.replace("\\", "") in capsys.readouterr().err.replace("\\", "")
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_eval_before_training_is_an_error(tmp_path, capsys):
+    path = _yaml(tmp_path, "name: never_trained\n")
+    assert main(["econ", "eval", str(path), "--output-dir", str(tmp_path / "out"), "--quiet"]) == 2
+    assert "training is not finished" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_cli_killed_mid_run_resumes_to_the_same_parameters(tmp_path):
+    """A real kill: ``align-jax econ train`` in a subprocess, SIGKILLed after its first
+    checkpoint, rerun to the end; equals one uninterrupted run in another directory."""
+    import time
+
+    from align_jax.methods.econ.checkpoint import Checkpointer  # noqa: F401
+    from align_jax.methods.econ.run import load_econ_config
+
+    yaml = _yaml(tmp_path, """\
+        name: kill
+        network: {belief_dim: 8, hidden_dim: 16, num_heads: 2, num_blocks: 1, mixer_embed_dim: 8}
+        train: {num_steps: 4096, num_envs: 8, update_every: 2, batch_size: 16, buffer_size: 2048}
+        run: {num_seeds: 2, checkpoint_every: 256}
+        """)
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[3]))
+    command = [sys.executable, "-m", "align_jax.cli", "econ", "train", str(yaml), "--quiet", "--no-figures"]
+    killed = subprocess.Popen(command + ["--output-dir", str(tmp_path / "a")], env=env)
+    checkpoints = tmp_path / "a" / "kill" / "seed0" / "checkpoints"
+    deadline = time.time() + 300
+    while time.time() < deadline and not any(p.name.isdigit() for p in checkpoints.glob("*")):
+        time.sleep(0.2)
+    killed.kill()
+    killed.wait()
+    assert any(p.name.isdigit() for p in checkpoints.glob("*"))
+    subprocess.run(command + ["--output-dir", str(tmp_path / "a")], env=env, check=True)
+    subprocess.run(command + ["--output-dir", str(tmp_path / "b")], env=env, check=True)
+    config = load_econ_config(yaml)
+    from align_jax.methods.econ.run import _checkpointer, seed_keys, seed_programs
+    from align_jax.methods.econ.train import make_trainer
+
+    like = seed_programs(make_trainer(config))[0](seed_keys(config))
+    states = []
+    for out in ("a", "b"):
+        c = dataclasses.replace(config, run=dataclasses.replace(config.run, output_dir=str(tmp_path / out)))
+        states.append(_checkpointer(c, econ_run_dir(c)).restore(like))
+    _assert_trees_equal(*states)
