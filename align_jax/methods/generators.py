@@ -21,7 +21,10 @@ pass.
 
 Shipped: ``sampled`` -- chain-of-thought sampling (:func:`candidates.sample_agents`,
 one prefill per prompt shared by its K samples) and self-consistency slots
-(:func:`candidates.build_question_candidates`).
+(:func:`candidates.build_question_candidates`); ``mcts`` -- rStar-style tree search,
+one tree per (question, agent), whose candidates are the terminal answers with
+utility = share of terminal visits (:mod:`align_jax.methods.mcts.generator`; parameters
+in ``candidates: {type: mcts, mcts: {...}}``).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import dataclasses
 from typing import NamedTuple, Protocol, Sequence
 
 from align_jax.methods.candidates import AgentSpec, Cost, ModelPool, QuestionCandidates
+from align_jax.methods.mcts.config import MCTSSection
 from align_jax.registry import Registry
 
 __all__ = [
@@ -70,10 +74,13 @@ class CandidateSection:
     """The ``candidates:`` section of a reason config.
 
     Attributes:
-      type: a registered generator name (``sampled``).
+      type: a registered generator name (``sampled``, ``mcts``).
+      mcts: the search parameters of ``type: mcts``
+        (:class:`~align_jax.methods.mcts.config.MCTSSection`; ignored otherwise).
     """
 
     type: str = "sampled"
+    mcts: MCTSSection = dataclasses.field(default_factory=MCTSSection)
 
     def __post_init__(self):
         CANDIDATE_GENERATORS.get(self.type, "type")
@@ -99,6 +106,15 @@ class SampledCoT:
 
 
 CANDIDATE_GENERATORS.register("sampled", lambda section: SampledCoT())
+
+
+def _make_mcts(section: CandidateSection) -> CandidateGenerator:
+    from align_jax.methods.mcts.generator import MCTSGenerator
+
+    return MCTSGenerator(section.mcts)
+
+
+CANDIDATE_GENERATORS.register("mcts", _make_mcts)
 
 
 def make_generator(section: CandidateSection) -> CandidateGenerator:

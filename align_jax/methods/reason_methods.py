@@ -295,6 +295,11 @@ REASON_METHODS.register("debate", Debate())
 REASON_METHODS.register("random", _Simple("random", _engine_baseline("random", False)))
 REASON_METHODS.register("pass@k", _Simple("pass@k", _pass_at_k))
 
+from align_jax.methods.mcts.rstar import RStarDiscriminator, RStarMajority  # noqa: E402  (rStar rows, MCTS runs only)
+
+REASON_METHODS.register("rstar", RStarMajority())
+REASON_METHODS.register("rstar_discriminator", RStarDiscriminator())
+
 DEFAULT_METHODS = tuple(REASON_METHODS.names())
 """Every shipped method, in table order (the default of ``ReasonConfig.methods``)."""
 
