@@ -9,7 +9,7 @@ PACKAGES = ["align_jax", "align_jax.game", "align_jax.data", "align_jax.llm", "a
             "align_jax.methods.cage", "align_jax.methods.principals", "align_jax.runner", "align_jax.registry",
             "align_jax.methods.reason_methods", "align_jax.methods.generators", "align_jax.methods.rows",
             "align_jax.game.learner", "align_jax.game.conformance", "align_jax.llm.decoding",
-            "align_jax.methods.mcts", "align_jax.methods.econ"]
+            "align_jax.methods.mcts", "align_jax.methods.econ", "align_jax.sandbox"]
 
 
 def public_names():

@@ -45,7 +45,7 @@ def question():
 
 
 def test_every_principal_is_registered_and_selected_by_type():
-    assert PRINCIPALS.names() == ("verifier", "ranker", "oracle", "noisy_oracle", "arithmetic")
+    assert PRINCIPALS.names() == ("verifier", "ranker", "oracle", "noisy_oracle", "arithmetic", "pot")
     for name in MODEL_FREE:
         principal = make_principal(PrincipalSection(type=name))
         assert principal.name == name and not principal.needs_model

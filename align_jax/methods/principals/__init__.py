@@ -42,6 +42,7 @@ from align_jax.methods.principals.verifier import VERIFIER_LABELS, VERIFIER_QUES
 from align_jax.methods.principals.ranker import RANKER_QUESTION, ranker_labels, ranker_messages, ranker_scores
 from align_jax.methods.principals.oracle import noisy_oracle_scores, oracle_scores
 from align_jax.methods.principals.arithmetic import arithmetic_score, arithmetic_steps
+from align_jax.methods.principals.pot import ProgramOfThought, PotSettings, make_pot_principal  # noqa: F401
 
 __all__ = [
     "PRINCIPALS",

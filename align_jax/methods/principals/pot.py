@@ -1,0 +1,239 @@
+"""``pot``: a program-of-thought principal (the principal model writes programs; a sandbox runs them).
+
+For each question the principal model samples P short Python programs that compute the
+answer (prompt :data:`POT_INSTRUCTION`: define ``solution()`` returning the number); each
+program runs in an :class:`~align_jax.sandbox.Sandbox` (separate process, CPU / wall / memory
+/ file-size / process limits, no network, no writes outside a fresh temporary directory,
+empty environment). A slot's score is the share of the *successful* programs whose result is
+the slot's answer::
+
+    score(i, s) = #{p : status_p = ok and result_p == answer(i, s)} / max(1, #{p : status_p = ok})
+
+with ``==`` the data layer's canonical equivalence (:func:`~align_jax.data.answers_equal`:
+``3.50 == 7/2``, ``1,000 == 1000``). Slots without an answer, and every slot of a question
+whose programs all failed, score 0. The score depends on the slot's answer only
+(``answer_level``).
+
+Randomness: question ``q``'s programs are sampled with the key ``fold_in(key(seed),
+crc32(question_id))`` in a call of its own (B = 1 prompt, K = P samples), so its scores do
+not depend on the window it is scored in, and reruns agree.
+
+Settings: :class:`PotSettings` (P, sampling, sandbox limits, workers). The registry's factory
+(``principal: {type: pot, model: ...}``) uses the defaults with the section's model;
+:func:`make_pot_principal` takes any :class:`PotSettings`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+import zlib
+from typing import NamedTuple, Optional, Sequence
+
+import numpy as np
+
+from align_jax.config import FieldError
+from align_jax.data import answers_equal
+from align_jax.methods.candidates import Cost, ModelPool, QuestionCandidates
+from align_jax.methods.principals.base import (
+    PRINCIPALS,
+    PrincipalBatch,
+    PrincipalContext,
+    PrincipalScores,
+    PrincipalSection,
+)
+from align_jax.sandbox import Sandbox, SandboxLimits, SandboxResult
+
+__all__ = [
+    "POT_INSTRUCTION",
+    "PotSettings",
+    "PotPrograms",
+    "ProgramOfThought",
+    "pot_messages",
+    "extract_program",
+    "program_scores",
+    "make_pot_principal",
+]
+
+POT_INSTRUCTION = ("Write a short Python program that solves the problem below. Define a function "
+                   "`solution()` that computes and returns the final answer as a number. Use only the "
+                   "standard library. Reply with the code only, in one ```python block.")
+
+
+@dataclasses.dataclass(frozen=True)
+class PotSettings:
+    """Settings of the program-of-thought principal.
+
+    Attributes:
+      num_programs: P, programs sampled per question (>= 1).
+      temperature: sampling temperature (>= 0; 0 = greedy, then P > 1 repeats one program).
+      top_p: nucleus mass in ``(0, 1]``.
+      max_new_tokens: token budget of one program (>= 16).
+      limits: the sandbox's :class:`~align_jax.sandbox.SandboxLimits` per program.
+      workers: programs run in the sandbox at once (>= 1).
+
+    Raises:
+      FieldError: a setting out of range (the field is named).
+    """
+
+    num_programs: int = 4
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    limits: SandboxLimits = dataclasses.field(default_factory=lambda: SandboxLimits(wall_s=5.0, cpu_s=2.0))
+    workers: int = 2
+
+    def __post_init__(self):
+        if isinstance(self.num_programs, bool) or not isinstance(self.num_programs, int) or self.num_programs < 1:
+            raise FieldError("num_programs", f"must be an integer >= 1 (P programs per question), got "
+                                             f"{self.num_programs!r}")
+        if not self.temperature >= 0:
+            raise FieldError("temperature", f"must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise FieldError("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        tokens = self.max_new_tokens
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 16:
+            raise FieldError("max_new_tokens", f"must be an integer >= 16, got {self.max_new_tokens!r}")
+        if not isinstance(self.limits, SandboxLimits):
+            raise FieldError("limits", f"must be a SandboxLimits, got {type(self.limits).__name__}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise FieldError("workers", f"must be an integer >= 1, got {self.workers!r}")
+
+
+class PotPrograms(NamedTuple):
+    """One question's programs and their verdicts (what :meth:`ProgramOfThought.run_programs` returns).
+
+    Attributes:
+      texts: the P generations.
+      programs: the P extracted programs.
+      results: the P :class:`~align_jax.sandbox.SandboxResult`.
+      cost: the generation's :class:`Cost`.
+    """
+
+    texts: tuple
+    programs: tuple
+    results: tuple
+    cost: Cost
+
+
+def pot_messages(question_text: str) -> list[dict]:
+    """The conversation asking the principal model for one program."""
+    return [{"role": "user", "content": f"{POT_INSTRUCTION}\n\nProblem: {question_text}"}]
+
+
+_FENCE = re.compile(r"```[ \t]*(?:python|py|Python)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL)
+
+
+def extract_program(text: str) -> str:
+    """The program in a generation: the first fenced code block (an unclosed one runs to the end
+    of the text), else the whole text."""
+    match = _FENCE.search(text)
+    return (match.group(1) if match else text).strip() + "\n"
+
+
+def program_scores(question: QuestionCandidates, results: Sequence[SandboxResult], num_slots: int) -> np.ndarray:
+    """float32 ``[N, K]``: per slot, the share of successful programs whose result equals its answer
+    (0 beyond each agent's slots, for slots without an answer, and when no program succeeded)."""
+    answers = [r.result for r in results if r.ok and r.result is not None]
+    score = np.zeros((question.num_agents, num_slots), np.float32)
+    if not answers:
+        return score
+    by_id: dict[int, float] = {}
+    for i, agent in enumerate(question.agents):
+        if len(agent.slots) > num_slots:
+            raise ValueError(f"agent {i} has {len(agent.slots)} slots > K={num_slots}")
+        for s, slot in enumerate(agent.slots):
+            if slot.answer_id < 0:
+                continue
+            if slot.answer_id not in by_id:
+                representative = question.answers_by_id.get(slot.answer_id, slot.answer)
+                hits = sum(answers_equal(result, representative) for result in answers)
+                by_id[slot.answer_id] = hits / len(answers)
+            score[i, s] = by_id[slot.answer_id]
+    return score
+
+
+@dataclasses.dataclass(eq=False)
+class ProgramOfThought:
+    """The program-of-thought principal (see the module docstring).
+
+    Attributes:
+      pool: serves the program-writing model.
+      model: its name or path.
+      settings: :class:`PotSettings`.
+      seed: the run's seed (the programs' sampling keys derive from it and the question id).
+      last_programs: the :class:`PotPrograms` of the last :meth:`score` call, by question id
+        (for reports: statuses, programs, cost).
+    """
+
+    pool: ModelPool
+    model: str
+    settings: PotSettings = dataclasses.field(default_factory=PotSettings)
+    seed: int = 0
+    name = "pot"
+    needs_model = True
+    answer_level = True
+    seeded = False
+
+    def __post_init__(self):
+        self._sandbox: Optional[Sandbox] = None
+        self.last_programs: dict[str, PotPrograms] = {}
+
+    @property
+    def sandbox(self) -> Sandbox:
+        """The :class:`~align_jax.sandbox.Sandbox` running the programs (built on first use)."""
+        if self._sandbox is None:
+            self._sandbox = Sandbox(self.settings.limits, workers=self.settings.workers)
+        return self._sandbox
+
+    @classmethod
+    def from_section(cls, section: PrincipalSection, context: PrincipalContext) -> "ProgramOfThought":
+        """The factory: writes programs with ``section.model`` (default: the context's default model)."""
+        return cls(context.pool, section.model or context.default_model, PotSettings(), context.seed)
+
+    def question_key(self, question_id: str):
+        """The sampling key of one question: ``fold_in(key(seed), crc32(question_id))``."""
+        import jax
+
+        return jax.random.fold_in(jax.random.key(self.seed), zlib.crc32(question_id.encode()) & 0x7FFFFFFF)
+
+    def run_programs(self, question_text: str, question_id: str) -> PotPrograms:
+        """Samples the P programs of one question and runs each in the sandbox."""
+        settings = self.settings
+        out = self.pool.generate_chat(self.model, [pot_messages(question_text)], key=self.question_key(question_id),
+                                      num_samples=settings.num_programs, max_new_tokens=settings.max_new_tokens,
+                                      temperature=settings.temperature, top_p=settings.top_p)
+        texts = tuple(out.texts[0])
+        programs = tuple(extract_program(text) for text in texts)
+        results = tuple(self.sandbox.run_many(programs))
+        cost = Cost(calls=settings.num_programs, gen_tokens=int(np.sum(out.tokens[0])),
+                    prompt_tokens=int(out.prompt_tokens[0]))
+        return PotPrograms(texts, programs, results, cost)
+
+    def score(self, batch: PrincipalBatch) -> list[PrincipalScores]:
+        """Each question's slots scored by its programs' results (one generation call per question)."""
+        scores = []
+        for text, question_id, question in zip(batch.question_texts, batch.question_ids, batch.questions):
+            programs = self.run_programs(text, question_id)
+            self.last_programs[question_id] = programs
+            scores.append(PrincipalScores(program_scores(question, programs.results, batch.num_slots), programs.cost))
+        return scores
+
+
+def make_pot_principal(pool: ModelPool, model: str, settings: Optional[PotSettings] = None, *,
+                       seed: int = 0) -> ProgramOfThought:
+    """A :class:`ProgramOfThought` with explicit settings (the registry's factory uses the defaults).
+
+    Raises:
+      TypeError: ``settings`` is not a :class:`PotSettings`.
+      ValueError: no model is named.
+    """
+    settings = settings if settings is not None else PotSettings()
+    if not isinstance(settings, PotSettings):
+        raise TypeError(f"settings must be a PotSettings, got {type(settings).__name__}")
+    if not model:
+        raise ValueError("the pot principal needs a model to write its programs")
+    return ProgramOfThought(pool, model, settings, seed)
+
+
+PRINCIPALS.register("pot", ProgramOfThought.from_section)
