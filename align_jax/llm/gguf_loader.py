@@ -17,7 +17,8 @@ import re
 import numpy as np
 
 from align_jax.llm.model import SUPPORTED_ARCHS, ModelConfig
-from align_jax.llm.params import LoadedModel, WeightsError, _check_finite, model_from_arrays, quantized_entries
+from align_jax.llm.params import (LoadedModel, WeightsError, _check_finite, model_from_arrays, quantized_entries,
+                                  split_fused)
 from align_jax.llm.quant import QUANTIZED_GGUF_TYPES, unpack_gguf
 from align_jax.llm.tokenizer import ChatTokenizer, TokenizerError, read_gguf_tokenizer_metadata
 
@@ -87,13 +88,30 @@ def config_from_gguf(reader, path, dtype: str = "float32") -> ModelConfig:
             f"{path}: unsupported architecture general.architecture={arch!r}; supported: {list(SUPPORTED_ARCHS)}"
         )
     scaling = _meta(reader, f"{arch}.rope.scaling.type", path, default="none", required=False)
-    if scaling not in ("none", None):
+    rope_scaling = {}
+    if scaling == "linear":
+        factor = _meta(reader, f"{arch}.rope.scaling.factor", path, default=1.0, required=False)
+        if float(factor) != 1.0:
+            rope_scaling = {"rope_type": "linear", "factor": _f32_decimal(factor)}
+    elif scaling not in ("none", None):
         raise WeightsError(f"{path}: unsupported RoPE scaling {arch}.rope.scaling.type={scaling!r}")
     tensors = {t.name: t for t in reader.tensors}
-    if "rope_freqs.weight" in tensors:
-        raise WeightsError(
-            f"{path}: tensor 'rope_freqs.weight' (Llama-3 style RoPE frequency scaling) is not supported"
-        )
+    if arch == "phi3" and "rope_factors_long.weight" in tensors:  # Phi-3 128K: longrope
+        if rope_scaling:
+            raise WeightsError(f"{path}: both {arch}.rope.scaling.type and rope_factors_* tensors are set")
+        original = _meta(reader, f"{arch}.rope.scaling.original_context_length", path)
+        factors = {}
+        for kind in ("long", "short"):
+            tensor = tensors.get(f"rope_factors_{kind}.weight")
+            if tensor is None:
+                raise WeightsError(f"{path}: tensor 'rope_factors_{kind}.weight' is missing")
+            factors[f"{kind}_factor"] = tuple(float(x) for x in _dequantize(tensor, path).reshape(-1))
+        rope_scaling = {"rope_type": "longrope", "original_max_position_embeddings": int(original), **factors}
+    if "rope_freqs.weight" in tensors:  # Llama 3.x: per-frequency divisors of inv_freq (llama.cpp's freq_factors)
+        if rope_scaling:
+            raise WeightsError(f"{path}: both {arch}.rope.scaling.type and tensor 'rope_freqs.weight' are set")
+        rope_scaling = {"rope_type": "freq_factors",
+                        "factors": tuple(float(x) for x in _dequantize(tensors["rope_freqs.weight"], path).reshape(-1))}
     if "token_embd.weight" not in tensors:
         raise WeightsError(f"{path}: tensor 'token_embd.weight' is missing")
     hidden = int(_meta(reader, f"{arch}.embedding_length", path))
@@ -105,13 +123,28 @@ def config_from_gguf(reader, path, dtype: str = "float32") -> ModelConfig:
         raise WeightsError(
             f"{path}: tensor 'token_embd.weight' has ggml shape {emb_shape}, expected [{hidden}, vocab]"
         )
+    num_layers = int(_meta(reader, f"{arch}.block_count", path))
+    gemma = {}
+    if arch == "phi3":  # every layer slides when the window is set (0: none, as llama.cpp writes Phi-4)
+        window = int(_meta(reader, f"{arch}.attention.sliding_window", path, default=0, required=False))
+        gemma = dict(sliding_window=window or None)
+    if arch == "gemma3":  # as llama.cpp (llama-model.cpp) runs it: every 6th layer global
+        window = int(_meta(reader, f"{arch}.attention.sliding_window", path))
+        pattern = int(_meta(reader, f"{arch}.attention.sliding_window_pattern", path, default=6, required=False))
+        gemma = dict(
+            sliding_window=window,
+            layer_types=tuple("sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(num_layers)),
+            rope_local_theta=10000.0,  # llama.cpp's rope_freq_base_train_swa for gemma3
+            # Gemma 3 27B (62 layers) scales by (D / H) ** -0.5, the others by head_dim ** -0.5.
+            query_pre_attn_scalar=float(hidden // heads if num_layers == 62 else head_dim),
+        )
     try:
         return ModelConfig(
             arch=arch,
             vocab_size=emb_shape[1],
             hidden_size=hidden,
             intermediate_size=int(_meta(reader, f"{arch}.feed_forward_length", path)),
-            num_layers=int(_meta(reader, f"{arch}.block_count", path)),
+            num_layers=num_layers,
             num_heads=heads,
             num_kv_heads=kv_heads,
             head_dim=head_dim,
@@ -121,6 +154,8 @@ def config_from_gguf(reader, path, dtype: str = "float32") -> ModelConfig:
             tie_word_embeddings="output.weight" not in tensors,
             attention_bias="blk.0.attn_q.bias" in tensors,
             dtype=dtype,
+            rope_scaling=rope_scaling,
+            **gemma,
         )
     except ValueError as err:
         raise WeightsError(f"{path}: invalid model metadata: {err}") from err
@@ -154,6 +189,20 @@ _GGUF_LAYER_MAP = {
     "ffn_up.weight": ("mlp.up_proj.kernel", True),
     "ffn_down.weight": ("mlp.down_proj.kernel", True),
 }
+_GEMMA_GGUF_LAYER_MAP = {
+    "attn_norm.weight": ("input_layernorm.scale", False),
+    "post_attention_norm.weight": ("post_attention_layernorm.scale", False),
+    "ffn_norm.weight": ("pre_feedforward_layernorm.scale", False),
+    "post_ffw_norm.weight": ("post_feedforward_layernorm.scale", False),
+    "attn_q_norm.weight": ("self_attn.q_norm.scale", False),
+    "attn_k_norm.weight": ("self_attn.k_norm.scale", False),
+}
+#: Phi-3's fused tensors: attn_qkv ([q | k | v] rows) and ffn_up (its gate_up_proj: [gate | up] rows).
+_PHI3_GGUF_LAYER_MAP = {
+    "attn_qkv.weight": ("qkv", True),
+    "ffn_up.weight": ("gate_up", True),
+}
+_GGUF_SKIPPED = ("rope_factors_long.weight", "rope_factors_short.weight", "rope_freqs.weight")  # read into the config
 _GGUF_GLOBAL_MAP = {
     "token_embd.weight": ("embed_tokens.embedding", False),
     "output_norm.weight": ("norm.scale", False),
@@ -162,13 +211,16 @@ _GGUF_GLOBAL_MAP = {
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
 
 
-def _gguf_target(name: str) -> tuple[str, bool] | None:
+def _gguf_target(name: str, arch: str = "llama") -> tuple[str, bool] | None:
     if name in _GGUF_GLOBAL_MAP:
         return _GGUF_GLOBAL_MAP[name]
     match = _BLOCK_RE.match(name)
-    if match and match.group(2) in _GGUF_LAYER_MAP:
-        target, transpose = _GGUF_LAYER_MAP[match.group(2)]
-        return f"layers.{int(match.group(1))}.{target}", transpose
+    if match:
+        layer_map = {"gemma3": {**_GGUF_LAYER_MAP, **_GEMMA_GGUF_LAYER_MAP},
+                     "phi3": {**_GGUF_LAYER_MAP, **_PHI3_GGUF_LAYER_MAP}}.get(arch, _GGUF_LAYER_MAP)
+        if match.group(2) in layer_map:
+            target, transpose = layer_map[match.group(2)]
+            return f"layers.{int(match.group(1))}.{target}", transpose
     return None
 
 
@@ -194,7 +246,8 @@ def _dequantize(tensor, path) -> np.ndarray:
 def gguf_arrays(reader, config: ModelConfig, path, *, num_threads: int | None = None, quantized: bool = False):
     """Dequantize every tensor into ``({flat parameter name: float32 array}, {flat name: gguf name})``.
 
-    Llama q/k weights are un-permuted; kernels are transposed to ``[in, out]``.
+    Llama q/k weights are un-permuted; Gemma 3 norm scales (stored as ``1 + w``) have 1
+    subtracted; kernels are transposed to ``[in, out]``.
 
     With ``quantized``, weight matrices stored in one of
     :data:`align_jax.llm.quant.QUANTIZED_GGUF_TYPES` are not dequantized: their module
@@ -206,7 +259,9 @@ def gguf_arrays(reader, config: ModelConfig, path, *, num_threads: int | None = 
     names: dict[str, str] = {}
     unknown = []
     for tensor in reader.tensors:
-        target = _gguf_target(tensor.name)
+        if tensor.name in _GGUF_SKIPPED:
+            continue
+        target = _gguf_target(tensor.name, config.arch)
         if target is None:
             unknown.append(tensor.name)
             continue
@@ -232,22 +287,30 @@ def gguf_arrays(reader, config: ModelConfig, path, *, num_threads: int | None = 
     def convert(job):
         tensor, (target, transpose) = job
         if quantized and tensor.tensor_type.name in QUANTIZED_GGUF_TYPES and len(tensor.shape) == 2:
-            module = target.rsplit(".", 1)[0]
+            module = target.rsplit(".", 1)[0] if target.endswith((".kernel", ".embedding")) else target  # fused: as is
             unpacked = _unpack(tensor, path)
             out = [(f"{module}.codes", unpermute(tensor, unpacked.codes)),
                    (f"{module}.scale", unpermute(tensor, unpacked.scale))]
             if unpacked.offset is not None:
                 out.append((f"{module}.offset", unpermute(tensor, unpacked.offset)))
-            return [(name, np.ascontiguousarray(value)) for name, value in out]
+            return [part for name, value in out
+                    for part in split_fused(name, np.ascontiguousarray(value), config, f"{path}:{tensor.name}")]
         value = unpermute(tensor, _dequantize(tensor, path))
+        if config.arch == "gemma3" and tensor.name.endswith("norm.weight"):
+            value = value - 1.0  # llama.cpp stores Gemma's (1 + w) norm scales; our RMSNorm adds the 1
         if transpose:
             value = np.ascontiguousarray(value.T)
-        return [(target, value)]
+        return split_fused(target, value, config, f"{path}:{tensor.name}")
 
     workers = num_threads or min(4, os.cpu_count() or 1)
     with concurrent.futures.ThreadPoolExecutor(max_workers=workers) as pool:
         arrays = dict(item for items in pool.map(convert, jobs) for item in items)
     for key in list(arrays):
+        match = re.match(r"^(layers\.\d+)\.(self_attn|mlp)\.", key)
+        if key not in names and match and config.arch == "phi3":  # a part of a fused tensor
+            fused = names.get(f"{match.group(1)}.{'qkv' if match.group(2) == 'self_attn' else 'gate_up'}")
+            if fused:
+                names[key] = fused
         if key.endswith((".codes", ".scale", ".offset")):
             module = key.rsplit(".", 1)[0]
             source = names.get(f"{module}.kernel") or names.get(f"{module}.embedding")

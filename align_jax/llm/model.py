@@ -1,4 +1,5 @@
-"""Decoder-only transformer in Flax NNX for the Llama (SmolLM2) and Qwen2 families.
+"""Decoder-only transformer in Flax NNX for the Llama (SmolLM2, Llama 3.x), Qwen2, Mistral, Phi-3
+and Gemma 3 (text) families.
 
 One readable file, in the style of the Flax NNX Gemma example and jax-llm-examples:
 
@@ -28,6 +29,34 @@ One readable file, in the style of the Flax NNX Gemma example and jax-llm-exampl
   :mod:`align_jax.llm.quant`) and multiply through a native XLA:CPU kernel that streams the
   codes: the same weight values as the float32 model at about a quarter of the bytes.
 
+Family differences are static fields of :class:`ModelConfig`, so one decoder serves them all:
+
+* RoPE scaling (``rope_scaling``): ``"llama3"`` (Llama 3.1-3.3: low frequencies divided by
+  ``factor``, a smooth ramp between), ``"longrope"`` (Phi-3 128K, once called ``"su"``:
+  per-frequency ``short_factor`` / ``long_factor``, the long set used when a row's largest
+  position + 1 exceeds ``original_max_position_embeddings``; cos and sin scaled by
+  ``attention_factor``), ``"linear"`` (positions divided by ``factor``), ``"freq_factors"``
+  (llama.cpp's ``rope_freqs`` divisors). longrope decides per row and per call, from the row's
+  largest position in the call. transformers decides per
+  call from the whole batch, and when a generation crosses ``original_max_position_embeddings``
+  its Phi-3 drops the cache and recomputes the prefix with the long factors. We keep the cached
+  keys as they were computed (as vLLM does), so the two agree exactly whenever a sequence stays
+  on one side of the boundary (a prompt longer than the original context is all long, a
+  generation ending within it all short) and differ only after a crossing inside a generation.
+* Sliding-window attention (Mistral, Phi-3, Gemma 3's local layers, Qwen2 with
+  ``use_sliding_window``): a query at position ``p`` sees a key at position ``j`` only if
+  ``p - j < sliding_window``, in the cache-free forward, the prefill and every cached decode step.
+  ``layer_types`` says which layers slide (empty: all of them when ``sliding_window`` is set).
+  The cache records each slot's position (``KVCache.positions``), so the window is measured in
+  token positions even across masked slots; the cache is not rolling (S slots are kept).
+* Phi-3's fused ``qkv_proj`` and ``gate_up_proj`` are split into q/k/v and gate/up by the loaders
+  (the same products, columns sliced), so the decoder's modules are Llama's.
+* Gemma 3 (``arch="gemma3"``): ``(1 + w)`` RMSNorm, RMSNorm on q and k per head, norms before
+  *and* after attention and MLP (``post_attention_layernorm`` normalises the attention output,
+  ``pre_/post_feedforward_layernorm`` wrap the MLP), GELU (tanh) gating, embeddings scaled by
+  ``sqrt(D)``, scores scaled by ``query_pre_attn_scalar ** -0.5``, and local (sliding) layers
+  with their own RoPE base ``rope_local_theta`` and no RoPE scaling.
+
 Shapes use B batch, L new tokens, S cache slots, V vocabulary, D hidden size,
 H query heads, Hkv key/value heads, G = H / Hkv, hd head dimension.
 
@@ -38,6 +67,7 @@ ordinary array arguments, never static values.
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from typing import NamedTuple
 
@@ -61,7 +91,15 @@ __all__ = [
     "SUPPORTED_ARCHS",
 ]
 
-SUPPORTED_ARCHS = ("llama", "qwen2")
+SUPPORTED_ARCHS = ("llama", "qwen2", "mistral", "phi3", "gemma3")
+ROPE_SCALING_TYPES = ("linear", "llama3", "longrope", "freq_factors")
+_ROPE_SCALING_KEYS = {
+    "linear": ({"factor"}, set()),
+    "llama3": ({"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}, set()),
+    "longrope": ({"short_factor", "long_factor", "original_max_position_embeddings"}, {"attention_factor", "factor"}),
+    "freq_factors": ({"factors"}, set()),
+}
+LAYER_TYPES = ("full_attention", "sliding_attention")
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
@@ -70,7 +108,9 @@ class ModelConfig:
     """Static shape of a decoder; hashable, so usable as a ``jax.jit`` static argument.
 
     Attributes:
-      arch: ``"llama"`` or ``"qwen2"``.
+      arch: one of :data:`SUPPORTED_ARCHS` (``"llama"``, ``"qwen2"``, ``"mistral"``,
+        ``"phi3"``, ``"gemma3"``; mistral and phi3 use Llama's block, gemma3 its own, see the
+        module docstring).
       vocab_size: V, rows of the embedding table.
       hidden_size: D.
       intermediate_size: width of the SwiGLU MLP.
@@ -98,6 +138,24 @@ class ModelConfig:
         parameters they multiply bfloat16-rounded inputs and weights with float32
         accumulation (the dense mixed-precision arithmetic, on AMX tile units where the
         CPU has them), else exactly in float32. Empty (the default): a dense model.
+      rope_scaling: ``()`` (plain RoPE) or the scaling of the (global) layers as sorted
+        ``(key, value)`` pairs (a dict is accepted and normalised): ``rope_type`` is one of
+        :data:`ROPE_SCALING_TYPES`; ``"linear"`` needs ``factor``; ``"llama3"`` needs ``factor``,
+        ``low_freq_factor``, ``high_freq_factor``, ``original_max_position_embeddings``;
+        ``"longrope"`` needs ``short_factor`` and ``long_factor`` (``hd / 2`` numbers each) and
+        ``original_max_position_embeddings``, and takes ``attention_factor`` (default
+        ``sqrt(1 + ln(f) / ln(original))`` with ``f = factor`` or
+        ``max_position_embeddings / original``); ``"freq_factors"`` (a GGUF's ``rope_freqs``
+        tensor, how llama.cpp stores Llama 3.x scaling) needs ``factors`` (``hd / 2`` numbers),
+        ``inv_freq_i = theta ** (-2 i / hd) / factors_i``.
+      sliding_window: W, or None: a sliding layer's query at position p sees keys at positions
+        ``p - W < j <= p``.
+      layer_types: per layer ``"full_attention"`` or ``"sliding_attention"``; empty means every
+        layer slides when ``sliding_window`` is set, none otherwise.
+      rope_local_theta: RoPE base of the sliding layers (Gemma 3's ``rope_local_base_freq``; they
+        then use no RoPE scaling); None: the sliding layers share the global RoPE.
+      query_pre_attn_scalar: attention scores are scaled by ``query_pre_attn_scalar ** -0.5``;
+        None: ``head_dim ** -0.5``.
     """
 
     arch: str
@@ -116,9 +174,16 @@ class ModelConfig:
     dtype: str = "float32"
     param_dtype: str | None = None
     quantized: tuple = ()
+    rope_scaling: tuple = ()
+    sliding_window: int | None = None
+    layer_types: tuple = ()
+    rope_local_theta: float | None = None
+    query_pre_attn_scalar: float | None = None
 
     def __post_init__(self):
         object.__setattr__(self, "quantized", _normalise_quantized(self.quantized))
+        object.__setattr__(self, "rope_scaling", _normalise_rope_scaling(self.rope_scaling, self.head_dim))
+        object.__setattr__(self, "layer_types", tuple(self.layer_types or ()))
         if self.arch not in SUPPORTED_ARCHS:
             raise ValueError(
                 f"ModelConfig.arch={self.arch!r} is not supported; expected one of {SUPPORTED_ARCHS}"
@@ -148,6 +213,43 @@ class ModelConfig:
             raise ValueError(f"ModelConfig.rope_theta must be > 0, got {self.rope_theta!r}")
         if not self.rms_norm_eps > 0:
             raise ValueError(f"ModelConfig.rms_norm_eps must be > 0, got {self.rms_norm_eps!r}")
+        if self.sliding_window is not None and (isinstance(self.sliding_window, bool)
+                                                or not isinstance(self.sliding_window, int) or self.sliding_window <= 0):
+            raise ValueError(f"ModelConfig.sliding_window must be None or a positive int, got {self.sliding_window!r}")
+        if self.layer_types:
+            if len(self.layer_types) != self.num_layers:
+                raise ValueError(f"ModelConfig.layer_types has {len(self.layer_types)} entries, expected "
+                                 f"num_layers={self.num_layers}")
+            bad = [t for t in self.layer_types if t not in LAYER_TYPES]
+            if bad:
+                raise ValueError(f"ModelConfig.layer_types: {bad[0]!r} is not one of {LAYER_TYPES}")
+            if "sliding_attention" in self.layer_types and self.sliding_window is None:
+                raise ValueError("ModelConfig.layer_types names sliding layers but sliding_window is None")
+        for name in ("rope_local_theta", "query_pre_attn_scalar"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"ModelConfig.{name} must be None or > 0, got {value!r}")
+
+    def layer_is_sliding(self, index: int) -> bool:
+        """Whether layer ``index`` uses sliding-window attention (see :attr:`layer_types`)."""
+        if self.layer_types:
+            return self.layer_types[index] == "sliding_attention"
+        return self.sliding_window is not None
+
+    @property
+    def has_sliding_layers(self) -> bool:
+        """Whether any layer slides (the cache then records slot positions)."""
+        return any(self.layer_is_sliding(i) for i in range(self.num_layers))
+
+    @property
+    def rope_scaling_dict(self) -> dict:
+        """:attr:`rope_scaling` as a dict (empty for plain RoPE)."""
+        return dict(self.rope_scaling)
+
+    @property
+    def attention_scale(self) -> float:
+        """The factor scores are multiplied by: ``query_pre_attn_scalar ** -0.5``, else ``head_dim ** -0.5``."""
+        return (self.query_pre_attn_scalar or self.head_dim) ** -0.5
 
     @property
     def jnp_dtype(self):
@@ -196,6 +298,44 @@ def _normalise_quantized(entries) -> tuple:
     return tuple(sorted(out))
 
 
+def _normalise_rope_scaling(scaling, head_dim: int) -> tuple:
+    """``rope_scaling`` as sorted ``(key, value)`` pairs, lists made tuples; validated."""
+    if not scaling:
+        return ()
+    try:
+        items = dict(scaling)
+    except (TypeError, ValueError):
+        raise ValueError(f"ModelConfig.rope_scaling must be a dict or (key, value) pairs, got {scaling!r}") from None
+    kind = items.get("rope_type")
+    if kind in (None, "default"):
+        if set(items) - {"rope_type"}:
+            raise ValueError(f"ModelConfig.rope_scaling has keys {sorted(items)} but no rope_type")
+        return ()
+    if kind not in ROPE_SCALING_TYPES:
+        raise ValueError(f"ModelConfig.rope_scaling: rope_type={kind!r} is not supported; expected one of "
+                         f"{ROPE_SCALING_TYPES}")
+    required, optional = _ROPE_SCALING_KEYS[kind]
+    missing = sorted(required - set(items))
+    if missing:
+        raise ValueError(f"ModelConfig.rope_scaling ({kind}) is missing {missing}")
+    unknown = sorted(set(items) - required - optional - {"rope_type"})
+    if unknown:
+        raise ValueError(f"ModelConfig.rope_scaling ({kind}): unknown keys {unknown}")
+    out = {}
+    for key, value in items.items():
+        if key == "rope_type":
+            out[key] = value
+        elif key in ("short_factor", "long_factor", "factors"):
+            value = tuple(float(v) for v in value)
+            if len(value) != head_dim // 2:
+                raise ValueError(f"ModelConfig.rope_scaling.{key} has {len(value)} entries, expected head_dim / 2 = "
+                                 f"{head_dim // 2}")
+            out[key] = value
+        elif value is not None:
+            out[key] = int(value) if key == "original_max_position_embeddings" else float(value)
+    return tuple(sorted(out.items()))
+
+
 _QUANTIZABLE = re.compile(
     r"^(embed_tokens|lm_head|layers\.\d+\.(self_attn\.(q|k|v|o)_proj|mlp\.(gate|up|down)_proj))$"
 )
@@ -207,10 +347,13 @@ class KVCache(NamedTuple):
     Attributes:
       k: tuple of ``num_layers`` arrays ``[B, Hkv, S, hd]``: keys after RoPE, config dtype.
       v: tuple of ``num_layers`` arrays ``[B, Hkv, S, hd]``: values, config dtype.
+      positions: int32 ``[B, S]``, the RoPE position of the token in each slot (what sliding
+        windows are measured in), for models with sliding layers; None otherwise.
     """
 
     k: tuple
     v: tuple
+    positions: jax.Array | None = None
 
     @property
     def num_slots(self) -> int:
@@ -233,18 +376,82 @@ def init_cache(config: ModelConfig, batch_size: int, max_len: int) -> KVCache:
         raise ValueError(f"init_cache needs batch_size > 0 and max_len > 0, got {batch_size}, {max_len}")
     shape = (batch_size, config.num_kv_heads, max_len, config.head_dim)
     zeros = lambda: jnp.zeros(shape, config.jnp_dtype)  # noqa: E731
+    positions = jnp.zeros((batch_size, max_len), jnp.int32) if config.has_sliding_layers else None
     return KVCache(k=tuple(zeros() for _ in range(config.num_layers)),
-                   v=tuple(zeros() for _ in range(config.num_layers)))
+                   v=tuple(zeros() for _ in range(config.num_layers)), positions=positions)
 
 
-def rope_tables(positions: jax.Array, head_dim: int, theta: float) -> tuple[jax.Array, jax.Array]:
+def rope_inv_freq(head_dim: int, theta: float, scaling: tuple = (), max_position=None,
+                  max_position_embeddings: int | None = None) -> tuple[jax.Array, float]:
+    """RoPE inverse frequencies ``[hd/2]`` (float32) and the factor cos/sin are multiplied by.
+
+    Plain: ``inv_freq_i = theta ** (-2 i / hd)``. ``scaling`` (``ModelConfig.rope_scaling``):
+
+    * ``linear``: ``inv_freq / factor``.
+    * ``llama3``: with ``wavelen = 2 pi / inv_freq``, ``lo = orig / low_freq_factor``,
+      ``hi = orig / high_freq_factor``: unchanged where ``wavelen < hi``, ``/ factor`` where
+      ``wavelen > lo``, else ``(1 - s) inv_freq / factor + s inv_freq`` with
+      ``s = (orig / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)``.
+    * ``longrope``: ``1 / (ext_i * theta ** (2 i / hd))`` with ``ext = long_factor`` when
+      ``max_position + 1 > original_max_position_embeddings`` (``max_position`` may be traced,
+      and an array ``[B]`` gives per-row frequencies ``[B, hd/2]``), else ``short_factor``;
+      cos/sin are multiplied by ``attention_factor``. ``max_position`` may also be a bool
+      array, read as "use the long factors".
+    """
+    exponents = jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    params = dict(scaling)
+    kind = params.get("rope_type")
+    if not kind:
+        return inv_freq, 1.0
+    if kind == "linear":
+        return inv_freq / params["factor"], 1.0
+    if kind == "freq_factors":
+        return inv_freq / jnp.asarray(params["factors"], jnp.float32), 1.0
+    if kind == "llama3":
+        factor, orig = params["factor"], params["original_max_position_embeddings"]
+        low, high = params["low_freq_factor"], params["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = jnp.where(wavelen > orig / low, inv_freq / factor, inv_freq)
+        smooth = (orig / wavelen - low) / (high - low)
+        smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+        medium = ~(wavelen < orig / high) & ~(wavelen > orig / low)
+        return jnp.where(medium, smoothed, scaled), 1.0
+    if kind == "longrope":
+        orig = params["original_max_position_embeddings"]
+        factor = params.get("factor") or (max_position_embeddings or orig) / orig
+        attention_factor = params.get("attention_factor")
+        if attention_factor is None:
+            attention_factor = 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(orig))
+        base = theta ** exponents
+        short = 1.0 / (jnp.asarray(params["short_factor"], jnp.float32) * base)
+        long = 1.0 / (jnp.asarray(params["long_factor"], jnp.float32) * base)
+        if max_position is None:
+            return short, attention_factor
+        max_position = jnp.asarray(max_position)
+        use_long = max_position if max_position.dtype == jnp.bool_ else max_position + 1 > orig
+        return jnp.where(use_long[..., None], long, short), attention_factor
+    raise ValueError(f"unsupported rope_type {kind!r}")
+
+
+def rope_tables(positions: jax.Array, head_dim: int, theta: float, scaling: tuple = (),
+                max_position_embeddings: int | None = None, use_long=None) -> tuple[jax.Array, jax.Array]:
     """cos/sin tables ``[B, L, hd/2]`` in float32 for integer ``positions [B, L]``.
 
-    ``angle[b, l, i] = positions[b, l] * theta ** (-2 i / hd)``.
+    ``angle[b, l, i] = positions[b, l] * inv_freq_i`` (:func:`rope_inv_freq`). ``longrope``
+    picks its factor set per row: ``use_long [B]`` if given, else whether the row's largest
+    position + 1 exceeds the original context (a row's tokens all share one set).
     """
-    inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+    if dict(scaling).get("rope_type") == "longrope":
+        select = use_long if use_long is not None else jnp.max(positions, axis=-1)
+        inv_freq, factor = rope_inv_freq(head_dim, theta, scaling, select, max_position_embeddings)
+        inv_freq = inv_freq[..., None, :]  # [B, 1, hd/2]
+    else:
+        inv_freq, factor = rope_inv_freq(head_dim, theta, scaling, None, max_position_embeddings)
     angles = positions.astype(jnp.float32)[..., None] * inv_freq
-    return jnp.cos(angles), jnp.sin(angles)
+    if factor == 1.0:
+        return jnp.cos(angles), jnp.sin(angles)
+    return jnp.cos(angles) * factor, jnp.sin(angles) * factor
 
 
 def apply_rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -315,15 +522,22 @@ def _mixed_dot(x: jax.Array, w: jax.Array, w_contract: int, out_dtype) -> jax.Ar
 
 
 class RMSNorm(nnx.Module):
-    """``y = scale * (x / sqrt(mean(x^2) + eps))``, normalised in float32 (as in Hugging Face Llama)."""
+    """``y = scale * (x / sqrt(mean(x^2) + eps))``, normalised in float32 (as in Hugging Face Llama).
 
-    def __init__(self, dim: int, eps: float, dtype, rngs):
+    ``offset=True`` (Gemma): ``y = (1 + scale) * (x / sqrt(mean(x^2) + eps))``, all in float32
+    and then cast (as Hugging Face's ``Gemma3RMSNorm``); ``scale`` then starts at zero.
+    """
+
+    def __init__(self, dim: int, eps: float, dtype, rngs, offset: bool = False):
         self.eps = eps
-        self.scale = _param(rngs, (dim,), dtype, "ones")
+        self.offset = offset
+        self.scale = _param(rngs, (dim,), dtype, "zeros" if offset else "ones")
 
     def __call__(self, x: jax.Array) -> jax.Array:
         x32 = x.astype(jnp.float32)
         normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (normed * (1.0 + self.scale[...].astype(jnp.float32))).astype(x.dtype)
         return self.scale[...].astype(x.dtype) * normed.astype(x.dtype)
 
 
@@ -437,6 +651,12 @@ class Attention(nnx.Module):
         self.k_proj = _linear(cfg, d, cfg.num_kv_heads * hd, cfg.attention_bias, rngs, f"{path}.k_proj")
         self.v_proj = _linear(cfg, d, cfg.num_kv_heads * hd, cfg.attention_bias, rngs, f"{path}.v_proj")
         self.o_proj = _linear(cfg, cfg.num_heads * hd, d, False, rngs, f"{path}.o_proj")
+        self.scale = cfg.attention_scale
+        if cfg.arch == "gemma3":  # RMSNorm of each head's q and k, before RoPE
+            self.q_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.jnp_param_dtype, rngs, offset=True)
+            self.k_norm = RMSNorm(hd, cfg.rms_norm_eps, cfg.jnp_param_dtype, rngs, offset=True)
+        else:
+            self.q_norm = self.k_norm = None
 
     def __call__(self, x, cos, sin, mask, layer_cache=None, cache_index=0, fresh: bool = False):
         """Attend.
@@ -460,6 +680,8 @@ class Attention(nnx.Module):
         q = self.q_proj(x).reshape(b, l, self.num_heads, hd)
         k = self.k_proj(x).reshape(b, l, hkv, hd)
         v = self.v_proj(x).reshape(b, l, hkv, hd)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q = apply_rope(q, cos, sin)
         k = apply_rope(k, cos, sin)
         k = k.transpose(0, 2, 1, 3)  # [B, Hkv, L, hd]
@@ -483,12 +705,12 @@ class Attention(nnx.Module):
         qn = q.reshape(b, l, hkv, groups, hd).transpose(0, 2, 3, 1, 4).reshape(b, hkv, groups * l, hd)
         if layer_cache is not None and l == 1:
             # A decode step: one query per row (the native kernel on the CPU, see attention.py).
-            out = decode_attention(qn, keys, values, mask[:, 0, :], hd ** -0.5)  # [B, Hkv, G, hd]
+            out = decode_attention(qn, keys, values, mask[:, 0, :], self.scale)  # [B, Hkv, G, hd]
             return self.o_proj(out.reshape(b, 1, self.num_heads * hd)), layer_cache
         batch_dims = ((0, 1), (0, 1))
         scores = jax.lax.dot_general(
             keys, qn, (((3,), (3,)), batch_dims), preferred_element_type=jnp.float32
-        ) * (hd ** -0.5)  # [B, Hkv, S, N]
+        ) * self.scale  # [B, Hkv, S, N]
         scores = scores.reshape(b, hkv, s_len, groups, l)
         visible = mask.transpose(0, 2, 1)[:, None, :, None, :]  # [B, 1, S, 1, L]
         scores = jnp.where(visible, scores, jnp.finfo(jnp.float32).min)
@@ -500,37 +722,54 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-    """SwiGLU: ``down(silu(gate(x)) * up(x))``."""
+    """Gated MLP: ``down(act(gate(x)) * up(x))``, ``act`` SiLU (SwiGLU) or, for Gemma, tanh-GELU."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, path: str = "mlp"):
         self.gate_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, False, rngs, f"{path}.gate_proj")
         self.up_proj = _linear(cfg, cfg.hidden_size, cfg.intermediate_size, False, rngs, f"{path}.up_proj")
         self.down_proj = _linear(cfg, cfg.intermediate_size, cfg.hidden_size, False, rngs, f"{path}.down_proj")
+        self.gelu = cfg.arch == "gemma3"
 
     def __call__(self, x):
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate = self.gate_proj(x)
+        gate = jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)
+        return self.down_proj(gate * self.up_proj(x))
 
 
 class DecoderLayer(nnx.Module):
-    """Pre-norm block: ``h += attn(norm(h)); h += mlp(norm(h))``."""
+    """Pre-norm block: ``h += attn(norm(h)); h += mlp(norm(h))``.
+
+    Gemma 3 (sandwich norms): ``h += post_attention_layernorm(attn(input_layernorm(h)));
+    h += post_feedforward_layernorm(mlp(pre_feedforward_layernorm(h)))``.
+    """
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None, path: str = "layers.0"):
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_param_dtype, rngs)
+        gemma = cfg.arch == "gemma3"
+        norm = lambda: RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_param_dtype, rngs, offset=gemma)  # noqa: E731
+        self.input_layernorm = norm()
         self.self_attn = Attention(cfg, rngs=rngs, path=f"{path}.self_attn")
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, cfg.jnp_param_dtype, rngs)
+        self.post_attention_layernorm = norm()
         self.mlp = MLP(cfg, rngs=rngs, path=f"{path}.mlp")
+        if gemma:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        else:
+            self.pre_feedforward_layernorm = self.post_feedforward_layernorm = None
 
     def __call__(self, h, cos, sin, mask, cache, cache_index, fresh: bool = False):
         attn_out, cache = self.self_attn(
             self.input_layernorm(h), cos, sin, mask, cache, cache_index, fresh
         )
+        if self.pre_feedforward_layernorm is not None:
+            h = h + self.post_attention_layernorm(attn_out)
+            return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h))), cache
         h = h + attn_out
         h = h + self.mlp(self.post_attention_layernorm(h))
         return h, cache
 
 
 class Transformer(nnx.Module):
-    """Llama / Qwen2 decoder.
+    """Llama / Qwen2 / Mistral / Phi-3 / Gemma 3 decoder.
 
     ``rngs``: random ``normal(0, 0.02)`` init; ``rngs=None`` builds shape-only
     placeholders (``jax.ShapeDtypeStruct``) for the weight loaders to fill.
@@ -538,7 +777,8 @@ class Transformer(nnx.Module):
     Parameter layout (kernels are ``[in, out]``, i.e. the transpose of torch's ``weight``):
     ``embed_tokens.embedding [V, D]``, ``layers[i].self_attn.{q,k,v,o}_proj.{kernel,bias}``,
     ``layers[i].mlp.{gate,up,down}_proj.kernel``, ``layers[i].{input,post_attention}_layernorm.scale``,
-    ``norm.scale``, and ``lm_head.kernel [D, V]`` when embeddings are untied.
+    ``norm.scale``, and ``lm_head.kernel [D, V]`` when embeddings are untied; Gemma 3 adds
+    ``layers[i].self_attn.{q,k}_norm.scale [hd]`` and ``layers[i].{pre,post}_feedforward_layernorm.scale``.
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs | None):
@@ -553,7 +793,7 @@ class Transformer(nnx.Module):
         else:
             self.embed_tokens = Embed(config.vocab_size, config.hidden_size, dtype, rngs, config.jnp_dtype)
         self.layers = nnx.List([DecoderLayer(config, rngs=rngs, path=f"layers.{i}") for i in range(config.num_layers)])
-        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, rngs)
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype, rngs, offset=config.arch == "gemma3")
         if not config.tie_word_embeddings:
             self.lm_head = _linear(config, config.hidden_size, config.vocab_size, False, rngs, "lm_head")
         else:
@@ -602,13 +842,29 @@ class Transformer(nnx.Module):
         result equals ``__call__``'s logits. Lets callers apply the head to only the
         positions they need.
         """
+        config = self.config
         b, l = tokens.shape
         h = self.embed_tokens(tokens)
-        cos, sin = rope_tables(positions, self.config.head_dim, self.config.rope_theta)
+        if config.arch == "gemma3":  # embeddings scaled by sqrt(D), rounded to the embedding dtype as in HF
+            h = h * jnp.asarray(config.hidden_size ** 0.5, h.dtype)
+        rope_global = rope_tables(positions, config.head_dim, config.rope_theta, config.rope_scaling,
+                                  config.max_position_embeddings)
+        rope_local = rope_global
+        if config.rope_local_theta is not None and config.has_sliding_layers:
+            rope_local = rope_tables(positions, config.head_dim, config.rope_local_theta)
         # A prefill (a cache filled from a static slot 0) attends to its own L keys only,
         # not to the S - L empty slots after them.
         fresh = cache is not None and isinstance(cache_index, int) and cache_index == 0 and l > 1
         cache_index = jnp.asarray(cache_index, jnp.int32)
+        key_positions = positions  # [B, L] without a cache or in a prefill, else [B, S]
+        if cache is not None and config.has_sliding_layers:
+            if cache.positions is None:
+                raise ValueError("this model has sliding-window layers: its KVCache needs positions "
+                                 "(build it with init_cache)")
+            slot_positions = jax.lax.dynamic_update_slice(
+                cache.positions, positions.astype(jnp.int32), (0, cache_index))
+            if not fresh:
+                key_positions = slot_positions
         query_pos = jnp.arange(l, dtype=jnp.int32)
         if cache is None or fresh:  # causal over the L new positions
             mask = jnp.broadcast_to((query_pos[None, :] <= query_pos[:, None])[None], (b, l, l))
@@ -621,15 +877,21 @@ class Transformer(nnx.Module):
             mask = jnp.broadcast_to(mask[None], (b, l, s))
         if kv_mask is not None:
             mask = mask & kv_mask[:, None, :].astype(bool)
+        window_mask = mask
+        if config.has_sliding_layers:  # a query at position p sees keys at p - W < j
+            distance = positions[:, :, None] - key_positions[:, None, :]  # [B, L, S or L]
+            window_mask = mask & (distance < config.sliding_window)
         new_k, new_v = [], []
         for i, layer in enumerate(self.layers):
             layer_cache = None if cache is None else (cache.k[i], cache.v[i])
-            h, layer_cache = layer(h, cos, sin, mask, layer_cache, cache_index, fresh)
+            sliding = config.layer_is_sliding(i)
+            cos, sin = rope_local if sliding else rope_global
+            h, layer_cache = layer(h, cos, sin, window_mask if sliding else mask, layer_cache, cache_index, fresh)
             if layer_cache is not None:
                 new_k.append(layer_cache[0])
                 new_v.append(layer_cache[1])
         if cache is not None:
-            cache = KVCache(tuple(new_k), tuple(new_v))
+            cache = KVCache(tuple(new_k), tuple(new_v), slot_positions if config.has_sliding_layers else None)
         return self.norm(h), cache
 
     def logits(self, h: jax.Array) -> jax.Array:

@@ -30,6 +30,7 @@ __all__ = [
     "model_from_arrays",
     "quantized_entries",
     "quantize_arrays",
+    "split_fused",
 ]
 
 
@@ -161,3 +162,38 @@ def quantize_arrays(arrays: dict[str, np.ndarray], config: ModelConfig, source: 
         packed = quantize_q8_0(weight)
         out[f"{module}.codes"], out[f"{module}.scale"] = packed.codes, packed.scale
     return out, config.replace(quantized=quantized_entries(out))
+
+
+def split_fused(key: str, value: np.ndarray, config: ModelConfig, source: str) -> list[tuple[str, np.ndarray]]:
+    """Phi-3's fused ``[in, out]`` kernels as our modules' kernels (the columns sliced).
+
+    ``layers.{i}.qkv`` (``qkv_proj``, columns ``[q (H hd) | k (Hkv hd) | v (Hkv hd)]``) ->
+    ``self_attn.{q,k,v}_proj.kernel``; ``layers.{i}.gate_up`` (``gate_up_proj``, columns
+    ``[gate (I) | up (I)]``) -> ``mlp.{gate,up}_proj.kernel``. Other keys pass through.
+    ``layers.{i}.qkv.codes`` / ``.scale`` / ``.offset`` (block-quantized, ``[out, in]`` rows) are
+    split by rows into the same modules' codes / scales / offsets.
+    """
+    leaf = None
+    prefix, _, kind = key.rpartition(".")
+    if kind in ("codes", "scale", "offset"):  # quantized: [out, in / ...] rows
+        leaf = kind
+        prefix, _, kind = prefix.rpartition(".")
+    if kind == "qkv":
+        sizes = [("self_attn.q_proj", config.num_heads * config.head_dim),
+                 ("self_attn.k_proj", config.num_kv_heads * config.head_dim),
+                 ("self_attn.v_proj", config.num_kv_heads * config.head_dim)]
+    elif kind == "gate_up":
+        sizes = [("mlp.gate_proj", config.intermediate_size), ("mlp.up_proj", config.intermediate_size)]
+    else:
+        return [(key, value)]
+    total = sum(n for _, n in sizes)
+    axis = 1 if leaf is None else 0
+    if value.ndim != 2 or value.shape[axis] != total:
+        raise WeightsError(f"{source}: fused tensor for {key} has shape {tuple(value.shape)}, expected "
+                           f"{total} {'columns after transposing' if leaf is None else 'rows'}")
+    out, start = [], 0
+    for module, n in sizes:
+        part = value[:, start:start + n] if leaf is None else value[start:start + n]
+        out.append((f"{prefix}.{module}.{leaf or 'kernel'}", np.ascontiguousarray(part)))
+        start += n
+    return out

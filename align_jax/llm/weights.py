@@ -41,7 +41,7 @@ from flax import nnx
 
 from align_jax.llm import registry
 from align_jax.llm.gguf_loader import SUPPORTED_GGUF_TYPES, _convert_gguf, config_from_gguf, gguf_arrays, load_gguf
-from align_jax.llm.hf_loader import config_from_hf, load_hf_dir
+from align_jax.llm.hf_loader import config_from_hf, load_hf_dir, read_hf_config
 from align_jax.llm.model import ModelConfig, Transformer
 from align_jax.llm.params import (
     LoadedModel,
@@ -66,6 +66,7 @@ __all__ = [
     "save_checkpoint",
     "config_from_gguf",
     "config_from_hf",
+    "read_hf_config",
     "model_from_arrays",
     "SUPPORTED_GGUF_TYPES",
     "CHECKPOINT_CONFIG",

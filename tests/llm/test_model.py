@@ -283,7 +283,7 @@ def test_config_roundtrip_and_hashable():
     assert ModelConfig.from_dict(config.to_dict()) == config
     assert hash(config) == hash(ModelConfig.from_dict(config.to_dict()))
     with pytest.raises(ValueError, match="unknown ModelConfig fields"):
-        ModelConfig.from_dict({**config.to_dict(), "rope_scaling": None})
+        ModelConfig.from_dict({**config.to_dict(), "not_a_field": None})
 
 
 # ----------------------------------------------------------------------------- real models (slow)

@@ -254,8 +254,8 @@ def test_hf_dir_errors(tmp_path):
     for file in (tmp_path / "hf").glob("*.bak"):
         file.rename(file.with_suffix(".safetensors"))
     config = json.loads((tmp_path / "hf" / "config.json").read_text())
-    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "model_type": "mistral"}))
-    with pytest.raises(WeightsError, match="unsupported model_type='mistral'"):
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "model_type": "gpt_neox"}))
+    with pytest.raises(WeightsError, match="unsupported model_type='gpt_neox'"):
         load_pretrained(str(tmp_path / "hf"))
     (tmp_path / "hf" / "config.json").write_text(json.dumps({**config, "num_attention_heads": 8}))
     with pytest.raises(WeightsError,
