@@ -54,7 +54,11 @@ def _env(**extra) -> dict:
     return env
 
 
-def test_one_trace_per_static_shape_not_per_point(tmp_path, monkeypatch):
+_IN_PROCESS = textwrap.dedent("""
+    import dataclasses, json, sys
+    from pathlib import Path
+    from align_jax import simulate
+    tmp = Path(sys.argv[1])
     traces = []
     original = simulate._local_sums
 
@@ -62,30 +66,33 @@ def test_one_trace_per_static_shape_not_per_point(tmp_path, monkeypatch):
         traces.append(program.spec.num_agents)
         return original(program, *args)
 
-    monkeypatch.setattr(simulate, "_local_sums", counting)
-    simulate._program.clear_cache()
-    simulate._compiled.clear()
-    path = tmp_path / "c.yaml"
-    path.write_text(SWEEP + f"output_dir: {tmp_path / 'runs'}\n")
-    config = simulate.load_simulate_config(path)
-    frame = simulate.run_simulation(config, progress=False, figures=False)
-    assert len(frame) == 6
-    assert sorted(traces) == [2, 3], f"one trace per static shape, got {traces}"
-    # Six different points: the swept numbers reached the program as data.
-    assert frame["align_value"].nunique() == 6
-    assert (frame["n"] == 150).all()
-
-
-def test_small_chunks_split_points_into_calls_with_the_same_rows(tmp_path):
-    path = tmp_path / "c.yaml"
-    path.write_text(SMALL + f"output_dir: {tmp_path / 'a'}\n")
-    whole = simulate.load_simulate_config(path)
+    simulate._local_sums = counting
+    sweep = simulate.load_simulate_config(tmp / "sweep.yaml")
+    frame = simulate.run_simulation(sweep, progress=False, figures=False)
+    simulate._local_sums = original
+    whole = simulate.load_simulate_config(tmp / "small.yaml")
     simulate.run_simulation(whole, progress=False, figures=False)
-    import dataclasses
-
-    split = dataclasses.replace(whole, output_dir=str(tmp_path / "b"), points_per_call=2)
+    split = dataclasses.replace(whole, output_dir=str(tmp / "b"), points_per_call=2)
     simulate.run_simulation(split, progress=False, figures=False)
-    assert _rows(simulate.run_dir(whole)) == _rows(simulate.run_dir(split))
+    print(json.dumps({"traces": sorted(traces), "points": len(frame), "distinct": int(frame["align_value"].nunique()),
+                      "n": sorted(set(frame["n"].tolist())), "whole": str(simulate.run_dir(whole)),
+                      "split": str(simulate.run_dir(split))}))
+""")
+
+
+def test_one_trace_per_static_shape_and_split_calls_give_the_same_rows(tmp_path):
+    """A 6-point sweep over 2 static shapes traces the program twice (once per shape), the swept
+    numbers reach it as data, and splitting points into calls of 2 gives the same rows.
+    Runs in a fresh process (like the multi-device tests below)."""
+    (tmp_path / "sweep.yaml").write_text(SWEEP + f"output_dir: {tmp_path / 'runs'}\n")
+    (tmp_path / "small.yaml").write_text(SMALL + f"output_dir: {tmp_path / 'a'}\n")
+    done = subprocess.run([sys.executable, "-c", _IN_PROCESS, str(tmp_path)], capture_output=True, text=True,
+                          timeout=300, env=_env())
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["traces"] == [2, 3], f"one trace per static shape, got {out['traces']}"
+    assert out["points"] == 6 and out["distinct"] == 6 and out["n"] == [150]
+    assert _rows(Path(out["whole"])) == _rows(Path(out["split"]))
 
 
 def test_padding_keeps_every_game_and_block():
