@@ -48,7 +48,10 @@ def _rows(directory: Path) -> dict:
 
 def _env(**extra) -> dict:
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)
+    kept = [flag for flag in env.pop("XLA_FLAGS", "").split() if "device_count" not in flag]
+    flags = " ".join(kept + [extra.pop("XLA_FLAGS", "")]).strip()
+    if flags:
+        env["XLA_FLAGS"] = flags
     env.update(extra)
     env["PYTHONPATH"] = str(REPO) + os.pathsep + env.get("PYTHONPATH", "")
     return env

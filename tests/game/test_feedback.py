@@ -33,8 +33,14 @@ def random_profile(rng, valid):
 
 @pytest.mark.parametrize("count_max_slots", [64, 0], ids=["counting", "sort"])
 def test_sorted_feedback_equals_dense_on_tied_padded_games(count_max_slots, monkeypatch):
-    """Both ranking paths (comparison counting for small N*K, a sort above) equal the dense form."""
+    """Both ranking paths (comparison counting for small N*K, a sort above) equal the dense form.
+
+    Each random ``[n, k]`` game is padded to ``[5, 6]`` (``[1, 6]`` when ``n = 1``) with invalid
+    slots, i.e. extra abstaining agents, so two compiled programs serve all 60 games.
+    """
     monkeypatch.setattr(ranking, "COUNT_MAX_SLOTS", count_max_slots)
+    dense_fn = jax.jit(lambda s, p, m: ranking.ranking_feedback(s, p, m, method="dense"))
+    fast_fn = jax.jit(lambda s, p, m: ranking.sorted_ranking_feedback(ranking.score_order(s), p, m))
     rng = np.random.default_rng(0)
     for trial in range(60):
         n, k = int(rng.integers(1, 6)), int(rng.integers(1, 7))
@@ -45,13 +51,17 @@ def test_sorted_feedback_equals_dense_on_tied_padded_games(count_max_slots, monk
         if n > 1 and trial % 2 == 0:  # a slot shared with another agent (same score)
             score[1, 0], valid[1, 0] = score[0, 0], valid[0, 0]
         profile = random_profile(rng, valid)
-        present = valid.any(-1)
-        dense = ranking.ranking_feedback(score, profile, present, method="dense")
-        order = ranking.score_order(jnp.asarray(score))
-        fast = ranking.sorted_ranking_feedback(order, profile, present)
+        rows = 1 if n == 1 else 5
+        pad = ((0, rows - n), (0, 6 - k))
+        p_valid = np.pad(valid, pad)
+        p_score = np.pad(score, pad, constant_values=np.nan)
+        p_profile = np.pad(profile, pad)
+        present = p_valid.any(-1)
+        dense = np.asarray(dense_fn(p_score, p_profile, present))[:n, :k]
+        fast = np.asarray(fast_fn(p_score, p_profile, present))[:n, :k]
         np.testing.assert_allclose(np.where(valid, fast, 0), np.where(valid, dense, 0), atol=1e-6, err_msg=str(trial))
         # Slots of one tie group get bitwise-identical feedback.
-        flat_s, flat_f = score[valid], np.asarray(fast)[valid]
+        flat_s, flat_f = score[valid], fast[valid]
         for value in np.unique(flat_s):
             for agent in range(n):
                 own = flat_f[(flat_s == value) & (np.repeat(np.arange(n), k).reshape(n, k)[valid] == agent)]

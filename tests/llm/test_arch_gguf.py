@@ -32,6 +32,25 @@ _NAMES = {
 }
 
 
+def _add_tiny_tokenizer(writer) -> list[str]:
+    """The tiny byte-level BPE vocabulary of ``tiny_gguf_vocab`` as GGUF tokenizer metadata."""
+    tokens, types, merges = tiny_gguf_vocab()
+    writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre("smollm")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    return tokens
+
+
+def _finish(writer) -> None:
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+
 def _tiny_gemma3():
     torch.manual_seed(5)
     config = transformers.Gemma3TextConfig(
@@ -65,13 +84,7 @@ def _write_gemma3_gguf(path, model, *, pattern: int = 2):
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_sliding_window(WINDOW)
     writer.add_uint32("gemma3.attention.sliding_window_pattern", pattern)
-    tokens, types, merges = tiny_gguf_vocab()
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    tokens = _add_tiny_tokenizer(writer)
     writer.add_pad_token_id(tokens.index("<|endoftext|>"))
     for name, value in model.state_dict().items():
         value = value.detach().float().numpy()
@@ -87,10 +100,7 @@ def _write_gemma3_gguf(path, model, *, pattern: int = 2):
         if gguf_name.endswith("norm.weight"):
             value = value + 1.0  # llama.cpp's converter folds Gemma's (1 + w) into the stored scale
         writer.add_tensor(gguf_name, np.ascontiguousarray(value, np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     return path
 
 
@@ -127,10 +137,7 @@ def test_gemma3_gguf_default_pattern_is_every_sixth_layer(tmp_path):
         writer.add_uint32(f"gemma3.{key}", value)
     writer.add_float32("gemma3.attention.layer_norm_rms_epsilon", 1e-6)
     writer.add_tensor("token_embd.weight", np.zeros((96, 32), np.float32))
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     config = config_from_gguf(gguf_lib.GGUFReader(str(path)), path)
     assert [i for i in range(12) if not config.layer_is_sliding(i)] == [5, 11]
 
@@ -175,13 +182,7 @@ def _write_phi3_gguf(path, model, quantize=()):
     writer.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
     writer.add_rope_freq_base(10000.0)
     writer.add_sliding_window(WINDOW)
-    tokens, types, merges = tiny_gguf_vocab()
-    writer.add_tokenizer_model("gpt2")
-    writer.add_tokenizer_pre("smollm")
-    writer.add_token_list(tokens)
-    writer.add_token_types(types)
-    writer.add_token_merges(merges)
-    writer.add_eos_token_id(tokens.index("<|im_end|>"))
+    tokens = _add_tiny_tokenizer(writer)
     scaling = cfg.rope_parameters
     writer.add_tensor("rope_factors_long.weight", np.asarray(scaling["long_factor"], np.float32))
     writer.add_tensor("rope_factors_short.weight", np.asarray(scaling["short_factor"], np.float32))
@@ -197,10 +198,7 @@ def _write_phi3_gguf(path, model, quantize=()):
             writer.add_tensor(gguf_name, gguf.quants.quantize(value, qtype), raw_dtype=qtype)
         else:
             writer.add_tensor(gguf_name, value)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_tensors_to_file()
-    writer.close()
+    _finish(writer)
     return path
 
 
