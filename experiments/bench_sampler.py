@@ -30,7 +30,13 @@ Reported per B:
     ``B * bandwidth / weight bytes`` tok/s. The bandwidth is measured in the same run
     (a multi-threaded NumPy sum over a 1 GiB array, best of 3); each side's decode is
     reported as a fraction of that bound (KV-cache reads are left out, so the bound is
-    loose at large B and long contexts).
+    loose at large B and long contexts). ``--peak-gbps`` replaces the measurement with a given
+    figure (an accelerator's HBM bandwidth, e.g. 3350 for an H100 SXM; ``experiments/device_check.sh``
+    passes it), so the roofline is weight bytes per decode step / that bandwidth.
+
+Prompts: the first B GSM8K test questions; ``--allow-synthetic`` falls back to templated
+arithmetic questions of similar length when the data directory is missing (a machine with
+no datasets; decode throughput hardly depends on the prompt text).
 
 Usage::
 
@@ -40,6 +46,7 @@ Usage::
     python experiments/bench_sampler.py --param-dtype bfloat16 --torch-dtype bfloat16   # bf16 weights on both sides
     python experiments/bench_sampler.py --quantized                   # int8 codes + scales vs torch float32
     python experiments/bench_sampler.py --quantized --param-dtype bfloat16 --torch-dtype bfloat16
+    python experiments/bench_sampler.py --skip-torch --peak-gbps 3350 --allow-synthetic   # GPU, roofline at HBM bw
 
 The machine is shared: the script prints the 1-minute load average before and after each
 measurement so disturbed figures can be recognised and re-run.
@@ -113,13 +120,31 @@ def weight_bytes(loaded) -> int:
     return int(total)
 
 
-def load_questions(data_dir: str | None, count: int) -> list[str]:
-    """The first ``count`` GSM8K test questions (the library's loader and data-dir resolution)."""
+def synthetic_questions(count: int) -> list[str]:
+    """``count`` templated word problems of about GSM8K's length (for machines without the data)."""
+    rng = np.random.default_rng(0)
+    names = ["Natalia", "Weng", "Betty", "Julie", "James", "Mark", "Albert", "Ken"]
+    items = ["clips", "eggs", "books", "apples", "marbles", "stamps", "pencils", "cookies"]
+    out = []
+    for i in range(count):
+        a, b, c = (int(x) for x in rng.integers(2, 99, 3))
+        n, it = names[i % len(names)], items[(i // len(names)) % len(items)]
+        out.append(f"{n} has {a} {it}. On Monday {n} buys {b} more {it}, and on Tuesday gives away {c} of "
+                   f"them to friends. Then {n} doubles what is left. How many {it} does {n} have at the end?")
+    return out
+
+
+def load_questions(data_dir: str | None, count: int, allow_synthetic: bool = False) -> list[str]:
+    """The first ``count`` GSM8K test questions (the library's loader and data-dir resolution);
+    with ``allow_synthetic``, :func:`synthetic_questions` when the dataset is not found."""
     from align_jax.data.datasets import DatasetError, load_dataset
 
     try:
         problems = load_dataset("gsm8k", "test", data_dir, limit=count)
     except DatasetError as err:
+        if allow_synthetic:
+            print(f"GSM8K not found ({err}); using {count} synthetic questions", flush=True)
+            return synthetic_questions(count)
         raise SystemExit(f"{err} (set --data-dir to the folder holding gsm8k/test.jsonl)")
     if len(problems) < count:
         raise SystemExit(f"GSM8K test has only {len(problems)} questions, need {count}")
@@ -256,6 +281,11 @@ def main(argv=None) -> int:
     parser.add_argument("--skip-torch", action="store_true")
     parser.add_argument("--compilation-cache", action="store_true",
                         help="use the persistent compilation cache (then 'compile' may be a cache load)")
+    parser.add_argument("--peak-gbps", type=float, default=None,
+                        help="memory bandwidth in GB/s for the roofline (default: measured on this host); "
+                             "pass the accelerator's HBM figure on a GPU, e.g. 3350 for an H100 SXM")
+    parser.add_argument("--allow-synthetic", action="store_true",
+                        help="use templated questions when the GSM8K data directory is missing")
     parser.add_argument("--out", default=None, help="write the table as JSON here")
     args = parser.parse_args(argv)
     batches = [int(b) for b in args.batches.split(",") if b]
@@ -277,7 +307,7 @@ def main(argv=None) -> int:
     loaded = load_pretrained(args.model, dtype=args.dtype, param_dtype=args.param_dtype, quantized=args.quantized)
     header["load_s"] = time.perf_counter() - t0
     tok = loaded.tokenizer
-    questions = load_questions(args.data_dir, max(batches))
+    questions = load_questions(args.data_dir, max(batches), args.allow_synthetic)
     prompt_ids = [
         tok.encode(tok.apply_chat_template([{"role": "user", "content": PROMPT_TEMPLATE.format(question=q)}]))
         for q in questions
@@ -285,11 +315,14 @@ def main(argv=None) -> int:
     print(f"jax {jax.__version__} on {header['device']} ({header['cpu_count']} CPUs); model {args.model} "
           f"(dtype {args.dtype}, weights {header['param_dtype']}, loaded in {header['load_s']:.1f}s); load avg {os.getloadavg()[0]:.2f}", flush=True)
 
-    header["read_bandwidth_gb_s"] = measure_read_bandwidth() / 1e9
+    if args.peak_gbps is not None:
+        header["read_bandwidth_gb_s"], header["bandwidth_source"] = float(args.peak_gbps), "--peak-gbps"
+    else:
+        header["read_bandwidth_gb_s"], header["bandwidth_source"] = measure_read_bandwidth() / 1e9, "measured"
     header["weight_bytes"] = weight_bytes(loaded)
     bound_b1 = header["read_bandwidth_gb_s"] * 1e9 / header["weight_bytes"]
     weight_kind = "block-quantized int8 + float32 scales" if args.quantized else header["param_dtype"]
-    print(f"memory read bandwidth {header['read_bandwidth_gb_s']:.1f} GB/s; weights {header['weight_bytes'] / 2**20:.0f} MiB "
+    print(f"memory read bandwidth {header['read_bandwidth_gb_s']:.1f} GB/s ({header['bandwidth_source']}); weights {header['weight_bytes'] / 2**20:.0f} MiB "
           f"({weight_kind}) -> decode roofline {bound_b1:.1f} tok/s per row", flush=True)
 
     sampler = Sampler(loaded)
@@ -302,7 +335,9 @@ def main(argv=None) -> int:
                    ours={k: v for k, v in ours.items() if k != "tokens"})
         print(f"B={b:>3} ours : prefill {ours['prefill_tok_s']:8.1f} tok/s  decode {ours['decode_tok_s']:7.1f} tok/s  "
               f"e2e {ours['e2e_tok_s']:7.1f} tok/s  compile prefill {ours['compile_prefill_s']:.1f}s "
-              f"decode {ours['compile_decode_s']:.1f}s  (load {load_before:.1f}->{row['load_avg_after']:.1f})", flush=True)
+              f"decode {ours['compile_decode_s']:.1f}s  roofline {b * bound_b1:.0f} tok/s "
+              f"({100 * ours['decode_tok_s'] / (b * bound_b1):.0f}%)  (load {load_before:.1f}->{row['load_avg_after']:.1f})",
+              flush=True)
         rows.append((row, ours["tokens"]))
     header["peak_rss_mb_after_ours"] = peak_rss_mb()
 

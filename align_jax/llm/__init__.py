@@ -1,4 +1,5 @@
-"""The Flax side: decoder, offline weights, tokenizer, batched sampler, one-step decoding, scoring."""
+"""The Flax side: decoder, offline weights, tokenizer, batched sampler, one-step decoding, scoring,
+device meshes (data and tensor parallel)."""
 
 from align_jax.llm.decoding import DecodeState, copy, gather, prefill, step
 from align_jax.llm.logits import ban_tokens, compose_processors, sample_tokens
@@ -7,6 +8,7 @@ from align_jax.llm.quant import QUANTIZED_GGUF_TYPES, QuantizedTensor, quantized
 from align_jax.llm.registry import MODELS, ModelPackageError, resolve_gguf
 from align_jax.llm.sampler import SampleOutput, Sampler, SamplerStepState, enable_compilation_cache
 from align_jax.llm.scoring import ScoreOutput, score_continuations
+from align_jax.llm.sharding import DATA_AXIS, MODEL_AXIS, check_mesh, make_mesh, param_shardings, shard_params
 from align_jax.llm.tokenizer import ChatTokenizer, TokenizerError
 from align_jax.llm.weights import (
     LoadedModel,
@@ -46,6 +48,12 @@ __all__ = [
     "copy",
     "ScoreOutput",
     "score_continuations",
+    "DATA_AXIS",
+    "MODEL_AXIS",
+    "make_mesh",
+    "check_mesh",
+    "param_shardings",
+    "shard_params",
     "ChatTokenizer",
     "TokenizerError",
     "LoadedModel",

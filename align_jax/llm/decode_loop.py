@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from align_jax.llm import sharding
 from align_jax.llm.decoding import TRACE_COUNTS, left_pad_mask
 from align_jax.llm.logits import DEFAULT_NUM_CANDIDATES, sample_tokens
 
@@ -138,7 +139,8 @@ class _Carry(NamedTuple):
 
 
 def _decode_impl(graphdef, state, cache, first_logits, prompt_lengths, key, temperature, top_p,
-                 processor_state, processor_params, *, spec: DecodeSpec, num_samples: int):
+                 processor_state, processor_params, row_active=None, *, spec: DecodeSpec, num_samples: int,
+                 mesh=None):
     """Fills the ``[R, T]`` token buffer from a prefilled cache; returns a :class:`DecodeResult`.
 
     Args:
@@ -148,7 +150,12 @@ def _decode_impl(graphdef, state, cache, first_logits, prompt_lengths, key, temp
       prompt_lengths: int32 ``[R]`` real prompt length of each row.
       key: the PRNG key of the call; temperature, top_p: f32 ``[R]``.
       processor_state, processor_params: the logits processor's user and constant pytrees.
+      row_active: optional bool ``[R]``; False marks a padding row (added so that a mesh's
+        data axis divides R), finished before the first step (no tokens, length 0).
       spec: the static :class:`DecodeSpec`; num_samples: K (static).
+      mesh: (static) the mesh ``state`` is sharded on (:mod:`~align_jax.llm.sharding`), or None:
+        the cache stays split over rows and KV heads, the row buffers over rows, and each
+        step's logits are gathered whole over the vocabulary.
     """
     TRACE_COUNTS["decode"] += 1
     model = nnx.merge(graphdef, state)
@@ -161,6 +168,7 @@ def _decode_impl(graphdef, state, cache, first_logits, prompt_lengths, key, temp
         lambda r: jax.random.fold_in(jax.random.fold_in(key, r // num_samples), r % num_samples)
     )(row_ids)
     eos = jnp.asarray(spec.eos_token_ids, jnp.int32) if spec.eos_token_ids else None
+    rows_of = lambda x: sharding.constrain_rows(x, mesh)  # noqa: E731
 
     def choose(carry: _Carry, logits: jax.Array) -> _Carry:
         t = carry.step
@@ -211,17 +219,17 @@ def _decode_impl(graphdef, state, cache, first_logits, prompt_lengths, key, temp
     t_max = spec.max_new_tokens
     carry = _Carry(
         step=jnp.zeros((), jnp.int32),
-        cache=cache,
-        last_tokens=jnp.zeros((rows,), jnp.int32),
-        tokens=jnp.full((rows, t_max), spec.pad_token_id, jnp.int32),
-        logprobs=jnp.zeros((rows, t_max), jnp.float32),
-        sampling_logprobs=jnp.zeros((rows, t_max), jnp.float32),
-        lengths=jnp.zeros((rows,), jnp.int32),
-        done=jnp.zeros((rows,), bool),
-        finish_code=jnp.zeros((rows,), jnp.int32),
+        cache=sharding.constrain_cache(cache, mesh, model.config),
+        last_tokens=rows_of(jnp.zeros((rows,), jnp.int32)),
+        tokens=rows_of(jnp.full((rows, t_max), spec.pad_token_id, jnp.int32)),
+        logprobs=rows_of(jnp.zeros((rows, t_max), jnp.float32)),
+        sampling_logprobs=rows_of(jnp.zeros((rows, t_max), jnp.float32)),
+        lengths=rows_of(jnp.zeros((rows,), jnp.int32)),
+        done=rows_of(jnp.zeros((rows,), bool) if row_active is None else ~row_active.astype(bool)),
+        finish_code=rows_of(jnp.zeros((rows,), jnp.int32)),
         user=processor_state,
     )
-    carry = choose(carry, first_logits)
+    carry = choose(carry, rows_of(first_logits))
 
     def cond(c: _Carry):
         return (c.step < t_max) & ~jnp.all(c.done)
@@ -230,7 +238,9 @@ def _decode_impl(graphdef, state, cache, first_logits, prompt_lengths, key, temp
         prev = c.step - 1
         positions = (prompt_lengths + prev)[:, None]
         logits, new_cache = model(c.last_tokens[:, None], positions, c.cache, bucket + prev, kv_mask)
-        return choose(c._replace(cache=new_cache), logits[:, 0])
+        if mesh is not None:
+            new_cache = sharding.constrain_cache(new_cache, mesh, model.config)
+        return choose(c._replace(cache=new_cache), rows_of(logits[:, 0]))
 
     carry = jax.lax.while_loop(cond, body, carry)
     return DecodeResult(
@@ -240,7 +250,7 @@ def _decode_impl(graphdef, state, cache, first_logits, prompt_lengths, key, temp
     )
 
 
-_DECODE_STATIC = ("graphdef", "spec", "num_samples")
+_DECODE_STATIC = ("graphdef", "spec", "num_samples", "mesh")
 decode = jax.jit(_decode_impl, static_argnames=_DECODE_STATIC, donate_argnames=("cache",))
 # The same program with the processor state donated too (a guide model's KV cache in
 # the processor state is then updated in place instead of living twice in memory).

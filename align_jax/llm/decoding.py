@@ -35,6 +35,7 @@ import numpy as np
 from flax import nnx
 
 from align_jax.llm import model as model_lib
+from align_jax.llm import sharding
 
 __all__ = [
     "DecodeState",
@@ -118,27 +119,34 @@ def left_pad_mask(prompt_lengths, bucket: int, num_slots: int):
     return slots[None, :] >= (bucket - prompt_lengths)[:, None]
 
 
-def _prefill_impl(model, tokens, prompt_lengths, num_samples: int, max_new_tokens: int):
-    """Prompts ``[B, P]`` -> (KVCache for R = B*K rows and S = P + T slots, last logits f32 ``[R, V]``)."""
+def _prefill_impl(model, tokens, prompt_lengths, num_samples: int, max_new_tokens: int, mesh=None):
+    """Prompts ``[B, P]`` -> (KVCache for R = B*K rows and S = P + T slots, last logits f32 ``[R, V]``).
+
+    With a ``mesh`` (:mod:`~align_jax.llm.sharding`) the prompts and the cache are split over
+    the data axis (when it divides their rows) and the cache over KV heads; the logits are
+    split over rows only."""
     batch, bucket = tokens.shape
     num_slots = bucket + max_new_tokens
+    tokens = sharding.constrain_rows(tokens, mesh)
     positions = jnp.maximum(jnp.arange(bucket, dtype=jnp.int32)[None, :] - (bucket - prompt_lengths)[:, None], 0)
     kv_mask = left_pad_mask(prompt_lengths, bucket, num_slots)
-    cache = model_lib.init_cache(model.config, batch, num_slots)
+    cache = sharding.constrain_cache(model_lib.init_cache(model.config, batch, num_slots), mesh, model.config)
     h, cache = hidden_states(model, tokens, positions, cache, 0, kv_mask)
     last_logits = lm_head(model, h[:, -1])
     if num_samples > 1:
         cache = jax.tree.map(lambda x: jnp.repeat(x, num_samples, axis=0), cache)
         last_logits = jnp.repeat(last_logits, num_samples, axis=0)
-    return cache, last_logits
+    return sharding.constrain_cache(cache, mesh, model.config), sharding.constrain_rows(last_logits, mesh)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new_tokens"))
-def prefill_cache(graphdef, state, tokens, prompt_lengths, *, num_samples: int, max_new_tokens: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new_tokens", "mesh"))
+def prefill_cache(graphdef, state, tokens, prompt_lengths, *, num_samples: int, max_new_tokens: int, mesh=None):
     """The sampler's prefill: left-padded prompts ``[B, P]`` -> (KVCache for R = B*K rows
-    and S = P + T slots, last logits f32 ``[R, V]``), input of :func:`~align_jax.llm.decode_loop.decode`."""
+    and S = P + T slots, last logits f32 ``[R, V]``), input of :func:`~align_jax.llm.decode_loop.decode`.
+    ``mesh`` (static): a :func:`~align_jax.llm.sharding.check_mesh`-ed mesh whose shardings
+    ``state`` carries (:func:`~align_jax.llm.sharding.shard_params`), or None."""
     TRACE_COUNTS["prefill"] += 1
-    return _prefill_impl(nnx.merge(graphdef, state), tokens, prompt_lengths, num_samples, max_new_tokens)
+    return _prefill_impl(nnx.merge(graphdef, state), tokens, prompt_lengths, num_samples, max_new_tokens, mesh)
 
 
 
@@ -172,8 +180,8 @@ class DecodeState(NamedTuple):
         return self.kv_mask.shape[0]
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new_tokens"))
-def prefill(graphdef, params, tokens, prompt_lengths, *, num_samples: int = 1, max_new_tokens: int):
+@functools.partial(jax.jit, static_argnames=("graphdef", "num_samples", "max_new_tokens", "mesh"))
+def prefill(graphdef, params, tokens, prompt_lengths, *, num_samples: int = 1, max_new_tokens: int, mesh=None):
     """Runs left-padded prompts once and returns ``(logits f32 [R, V], DecodeState)``.
 
     Args:
@@ -182,20 +190,23 @@ def prefill(graphdef, params, tokens, prompt_lengths, *, num_samples: int = 1, m
       prompt_lengths: int32 ``[B]`` real lengths.
       num_samples: K rows per prompt (row ``b K + k``), static.
       max_new_tokens: slots reserved after the prompt bucket (S = P + this), static.
+      mesh: (static) a mesh ``params`` is sharded on (:mod:`~align_jax.llm.sharding`), or None;
+        the state's cache and row arrays are then split over its data axis.
 
     Returns:
       The logits after each row's last prompt token and the state whose next write
       goes to slot P at position ``prompt_lengths[b]``.
     """
     TRACE_COUNTS["prefill_state"] += 1
-    cache, logits = _prefill_impl(nnx.merge(graphdef, params), tokens, prompt_lengths, num_samples, max_new_tokens)
+    cache, logits = _prefill_impl(nnx.merge(graphdef, params), tokens, prompt_lengths, num_samples,
+                                  max_new_tokens, mesh)
     bucket = tokens.shape[1]
-    lengths = jnp.repeat(prompt_lengths.astype(jnp.int32), num_samples)
-    kv_mask = left_pad_mask(lengths, bucket, bucket + max_new_tokens)
+    lengths = sharding.constrain_rows(jnp.repeat(prompt_lengths.astype(jnp.int32), num_samples), mesh)
+    kv_mask = sharding.constrain_rows(left_pad_mask(lengths, bucket, bucket + max_new_tokens), mesh)
     return logits, DecodeState(cache, kv_mask, lengths, jnp.asarray(bucket, jnp.int32))
 
 
-def _step_impl(model, state: DecodeState, tokens, num_tokens=None):
+def _step_impl(model, state: DecodeState, tokens, num_tokens=None, mesh=None):
     """The body of :func:`step` on a merged model."""
     if tokens.ndim == 1:
         tokens = tokens[:, None]
@@ -208,12 +219,15 @@ def _step_impl(model, state: DecodeState, tokens, num_tokens=None):
     h, cache = hidden_states(model, tokens, positions, state.cache, state.next_slot, kv_mask)
     last = h[:, -1] if num_tokens is None else jnp.take_along_axis(
         h, jnp.maximum(count - 1, 0)[:, None, None], axis=1)[:, 0]
-    logits = lm_head(model, last)
+    logits = sharding.constrain_rows(lm_head(model, last), mesh)
+    if mesh is not None:
+        cache = sharding.constrain_cache(cache, mesh, model.config)
+        kv_mask = sharding.constrain_rows(kv_mask, mesh)
     return logits, DecodeState(cache, kv_mask, state.positions + count, state.next_slot + width)
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",), donate_argnames=("state",))
-def step(graphdef, params, state: DecodeState, tokens, num_tokens=None):
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"), donate_argnames=("state",))
+def step(graphdef, params, state: DecodeState, tokens, num_tokens=None, *, mesh=None):
     """Feeds each row its next tokens; returns ``(logits f32 [R, V], new DecodeState)``.
 
     Args:
@@ -228,9 +242,11 @@ def step(graphdef, params, state: DecodeState, tokens, num_tokens=None):
       return the logits of the last slot, to be ignored) and the state advanced by
       ``num_tokens`` positions and L slots. The caller keeps ``next_slot + L <= S``
       (a write past the cache is clamped, as for any ``dynamic_update_slice``).
+      With ``mesh`` (static, the mesh ``params`` is sharded on) the new state keeps the
+      prefill's shardings (:mod:`~align_jax.llm.sharding`).
     """
     TRACE_COUNTS["step"] += 1
-    return _step_impl(nnx.merge(graphdef, params), state, tokens, num_tokens)
+    return _step_impl(nnx.merge(graphdef, params), state, tokens, num_tokens, mesh)
 
 
 def _take_rows(state: DecodeState, rows) -> DecodeState:

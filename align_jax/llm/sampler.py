@@ -51,6 +51,7 @@ import numpy as np
 from flax import nnx
 
 from align_jax.llm import model as model_lib
+from align_jax.llm import sharding
 from align_jax.llm.decode_loop import (
     FINISH_NAMES,
     FINISH_STOP,
@@ -105,6 +106,10 @@ class PreparedBatch(NamedTuple):
       max_new_tokens: T.
       temperature: float32 ``[R]``.
       top_p: float32 ``[R]``.
+      num_prompts: the caller's B when the sampler has a mesh whose data axis does not divide
+        ``B * K``: ``tokens`` then has dummy prompts (copies of prompt 0, greedy) appended until
+        it does, whose rows finish before their first step and are dropped from the output;
+        None when there is no padding.
     """
 
     tokens: np.ndarray
@@ -113,6 +118,15 @@ class PreparedBatch(NamedTuple):
     max_new_tokens: int
     temperature: np.ndarray
     top_p: np.ndarray
+    num_prompts: int | None = None
+
+    @property
+    def row_active(self) -> np.ndarray | None:
+        """bool ``[R]``: False for the rows of padding prompts; None without padding."""
+        if self.num_prompts is None:
+            return None
+        rows = self.tokens.shape[0] * self.num_samples
+        return np.arange(rows) < self.num_prompts * self.num_samples
 
 
 class SampleOutput(NamedTuple):
@@ -192,6 +206,13 @@ class Sampler:
     (or :meth:`generate_chat`) many times; calls whose prompts fall in the same bucket
     and use the same static settings reuse one compiled prefill and one decode.
 
+    Several devices: pass ``mesh`` (:func:`~align_jax.llm.sharding.make_mesh`, axes ``"data"``
+    and ``"model"``); the weights are sharded once here (tensor parallel over ``"model"``,
+    replicated over ``"data"``), each call's rows are split over ``"data"`` and the KV cache over
+    KV heads (:mod:`~align_jax.llm.sharding`). When the data axis does not divide the rows
+    ``B * K``, dummy prompts are appended and dropped again (see :class:`PreparedBatch`), so
+    the output is the same as on one device.
+
     Example::
 
         loaded = load_pretrained("qwen2.5-coder-0.5b")
@@ -202,18 +223,25 @@ class Sampler:
         out.text[0]   # 4 completions
     """
 
-    def __init__(self, model, tokenizer=None, *, min_prompt_bucket: int = 16, bucket_steps: int = 4):
+    def __init__(self, model, tokenizer=None, *, min_prompt_bucket: int = 16, bucket_steps: int = 4,
+                 mesh: jax.sharding.Mesh | None = None):
         """``model``: a ``LoadedModel`` (config, model, tokenizer) or a ``Transformer``
         (then pass ``tokenizer`` to use text prompts; token-id prompts need none).
-        ``min_prompt_bucket`` and ``bucket_steps``: the prompt padding (:func:`prompt_bucket`)."""
+        ``min_prompt_bucket`` and ``bucket_steps``: the prompt padding (:func:`prompt_bucket`).
+        ``mesh``: optional device mesh, checked against the model's config
+        (:func:`~align_jax.llm.sharding.check_mesh`, a ``ValueError`` naming the axis and
+        the field) before any weight is moved."""
         if hasattr(model, "model") and hasattr(model, "config") and not isinstance(model, nnx.Module):
             tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
             model = model.model
         if not isinstance(model, nnx.Module) or not hasattr(model, "config"):
             raise TypeError(f"Sampler needs a LoadedModel or a Transformer, got {type(model).__name__}")
         self.config: model_lib.ModelConfig = model.config
+        self.mesh = None if mesh is None else sharding.check_mesh(mesh, self.config)
         self.tokenizer = tokenizer
         self.graphdef, self.state = nnx.split(model)
+        if self.mesh is not None:
+            self.state = sharding.shard_params(self.state, self.mesh)
         self.min_prompt_bucket = int(min_prompt_bucket)
         self.bucket_steps = int(bucket_steps)
         prompt_bucket(1, self.min_prompt_bucket, self.bucket_steps)  # validates steps
@@ -277,7 +305,27 @@ class Sampler:
         tokens = np.full((batch, bucket), pad, np.int32)
         for i, p in enumerate(ids):
             tokens[i, bucket - len(p):] = p
-        return PreparedBatch(tokens, lengths, int(num_samples), int(max_new_tokens), temp, topp)
+        prepared = PreparedBatch(tokens, lengths, int(num_samples), int(max_new_tokens), temp, topp)
+        return self._pad_for_mesh(prepared)
+
+    def _pad_for_mesh(self, batch: PreparedBatch) -> PreparedBatch:
+        """Append dummy prompts until the mesh's data axis divides the rows (no-op otherwise)."""
+        if self.mesh is None:
+            return batch
+        data = int(self.mesh.shape[sharding.DATA_AXIS])
+        b, k = batch.tokens.shape[0], batch.num_samples
+        quantum = data // np.gcd(data, k)  # prompts per step that keep B' K a multiple of d
+        extra = -b % quantum
+        if extra == 0:
+            return batch
+        rows = extra * k
+        return batch._replace(
+            tokens=np.concatenate([batch.tokens, np.repeat(batch.tokens[:1], extra, axis=0)]),
+            prompt_lengths=np.concatenate([batch.prompt_lengths, np.repeat(batch.prompt_lengths[:1], extra)]),
+            temperature=np.concatenate([batch.temperature, np.zeros(rows, np.float32)]),
+            top_p=np.concatenate([batch.top_p, np.ones(rows, np.float32)]),
+            num_prompts=b,
+        )
 
     # -- the two compiled stages -----------------------------------------------
 
@@ -285,7 +333,7 @@ class Sampler:
         """Run the prompts once; returns ``(KVCache per layer [R, Hkv, S, hd], logits f32 [R, V])``."""
         return prefill_cache(
             self.graphdef, self.state, jnp.asarray(batch.tokens), jnp.asarray(batch.prompt_lengths),
-            num_samples=batch.num_samples, max_new_tokens=batch.max_new_tokens,
+            num_samples=batch.num_samples, max_new_tokens=batch.max_new_tokens, mesh=self.mesh,
         )
 
     def decode(self, batch: PreparedBatch, cache, first_logits, key, *, spec: DecodeSpec,
@@ -297,19 +345,22 @@ class Sampler:
             raise ValueError(f"spec.max_new_tokens={spec.max_new_tokens} != batch.max_new_tokens={batch.max_new_tokens}")
         row_lengths = np.repeat(batch.prompt_lengths, batch.num_samples)
         run = decode_donating if donate_processor_state else decode
+        active = batch.row_active
         return run(
             self.graphdef, self.state, cache, first_logits, jnp.asarray(row_lengths),
             _check_key(key), jnp.asarray(batch.temperature), jnp.asarray(batch.top_p), processor_state,
-            processor_params, spec=spec, num_samples=batch.num_samples,
+            processor_params, None if active is None else jnp.asarray(active),
+            spec=spec, num_samples=batch.num_samples, mesh=self.mesh,
         )
 
     # -- the one-step API with this sampler's weights ---------------------------
 
     def start(self, batch: PreparedBatch) -> tuple[jax.Array, DecodeState]:
         """:func:`prefill` of a prepared batch: ``(logits f32 [R, V], DecodeState)`` with
-        ``batch.max_new_tokens`` free slots per row."""
+        ``batch.max_new_tokens`` free slots per row (with a mesh, R counts the padding rows of
+        :class:`PreparedBatch`, last)."""
         return prefill(self.graphdef, self.state, jnp.asarray(batch.tokens), jnp.asarray(batch.prompt_lengths),
-                       num_samples=batch.num_samples, max_new_tokens=batch.max_new_tokens)
+                       num_samples=batch.num_samples, max_new_tokens=batch.max_new_tokens, mesh=self.mesh)
 
     def step(self, state: DecodeState, tokens, num_tokens=None) -> tuple[jax.Array, DecodeState]:
         """:func:`step` with this sampler's weights (``state`` is donated)."""
@@ -320,7 +371,7 @@ class Sampler:
             num_tokens = jnp.asarray(num_tokens, jnp.int32)
             if num_tokens.shape != (state.num_rows,):
                 raise ValueError(f"num_tokens must be [R]=({state.num_rows},), got shape {num_tokens.shape}")
-        return step(self.graphdef, self.state, state, tokens, num_tokens)
+        return step(self.graphdef, self.state, state, tokens, num_tokens, mesh=self.mesh)
 
     def make_spec(self, batch: PreparedBatch, *, top_k: int | None = None,
                   num_candidates: int = DEFAULT_NUM_CANDIDATES, eos_token_ids: Sequence[int] | None = None,
@@ -404,6 +455,10 @@ class Sampler:
             False when it is large and not needed (a guide model's KV cache is GBs), or a
             function ``user -> pytree`` selecting the part to copy.
 
+        With a mesh whose data axis does not divide ``B * K``, dummy prompts pad the batch
+        (:class:`PreparedBatch`): a logits processor and its state then see ``R' > B * K`` rows
+        (the padding rows last, always finished), and the output keeps the real rows only.
+
         Returns:
           :class:`SampleOutput`.
         """
@@ -442,10 +497,11 @@ class Sampler:
         tokens, lengths, logprobs, sampling_lp, finish, steps, user = jax.device_get(
             (result.tokens, result.lengths, result.logprobs, result.sampling_logprobs,
              result.finish_code, result.num_steps, result.processor_state))
-        tokens, lengths = np.array(tokens), np.array(lengths)
-        logprobs, sampling_lp = np.array(logprobs), np.array(sampling_lp)
-        finish = np.array(finish)
-        rows = tokens.shape[0]
+        b, k, t = (batch.num_prompts or batch.tokens.shape[0]), batch.num_samples, batch.max_new_tokens
+        rows = b * k  # padding rows of a mesh (after the real ones) are dropped
+        tokens, lengths = np.array(tokens[:rows]), np.array(lengths[:rows])
+        logprobs, sampling_lp = np.array(logprobs[:rows]), np.array(sampling_lp[:rows])
+        finish = np.array(finish[:rows])
         texts = [] if self.tokenizer is not None else None
         for r in range(rows):
             n = int(lengths[r])
@@ -470,7 +526,6 @@ class Sampler:
                 logprobs[r, lo:] = 0.0
                 sampling_lp[r, lo:] = 0.0
             texts.append(text)
-        b, k, t = batch.tokens.shape[0], batch.num_samples, batch.max_new_tokens
         reasons = [FINISH_NAMES[int(c)] for c in finish]
         return SampleOutput(
             tokens=tokens.reshape(b, k, t),
@@ -479,7 +534,7 @@ class Sampler:
             sampling_logprobs=sampling_lp.reshape(b, k, t),
             text=None if texts is None else [texts[i * k:(i + 1) * k] for i in range(b)],
             finish_reasons=[reasons[i * k:(i + 1) * k] for i in range(b)],
-            prompt_tokens=batch.prompt_lengths.copy(),
+            prompt_tokens=batch.prompt_lengths[:b].copy(),
             generated_tokens=int(lengths.sum()),
             num_steps=int(steps),
             processor_state=user,

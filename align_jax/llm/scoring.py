@@ -16,6 +16,11 @@ programs of earlier calls with the same ``batch_size`` and bucket. Inside the ji
 LM head runs row by row (``lax.map``), so memory holds one row of ``[L, V]`` float32
 logits, not ``[batch_size, L, V]``.
 
+Several devices: with a ``mesh`` (:mod:`~align_jax.llm.sharding`) the weights are sharded
+(tensor parallel over ``"model"``), the rows of a chunk are split over ``"data"`` (the chunk
+rounded up to a multiple of its size with dummy rows), and the LM head runs one row per data
+index at a time (memory one ``[L, V / m]`` row of logits per device).
+
 Shapes: N pairs, n rows in a chunk, L length bucket, V vocabulary, M longest continuation.
 """
 
@@ -29,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from align_jax.llm import sharding
 from align_jax.llm.decoding import TRACE_COUNTS, hidden_states, lm_head, prompt_bucket
 
 __all__ = ["ScoreOutput", "score_continuations", "token_logprobs"]
@@ -52,16 +58,18 @@ class ScoreOutput(NamedTuple):
     prompt_tokens: np.ndarray
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def token_logprobs(graphdef, state, tokens, total_lengths):
+@functools.partial(jax.jit, static_argnames=("graphdef", "mesh"))
+def token_logprobs(graphdef, state, tokens, total_lengths, *, mesh=None):
     """``log p(tokens[:, j] | tokens[:, :j])`` for right-padded ``tokens int32 [n, L]``.
 
-    Returns float32 ``[n, L]``: entry j (``1 <= j < total_lengths``) is the log-prob of
+    ``mesh`` (static): the mesh ``state`` is sharded on, whose data axis size d divides n, or
+    None. Returns float32 ``[n, L]``: entry j (``1 <= j < total_lengths``) is the log-prob of
     token j; entry 0 and padding entries are 0.
     """
     TRACE_COUNTS["score"] += 1
     model = nnx.merge(graphdef, state)
     n, length = tokens.shape
+    tokens = sharding.constrain_rows(tokens, mesh)
     positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n, length))
     valid = positions < total_lengths[:, None]
     h, _ = hidden_states(model, tokens, positions, None, 0, valid)
@@ -72,7 +80,15 @@ def token_logprobs(graphdef, state, tokens, total_lengths):
         picked = jnp.take_along_axis(logits, tok_row[1:, None], axis=-1)[:, 0]
         return picked - jax.nn.logsumexp(logits, axis=-1)
 
-    lp = jax.lax.map(row_logprobs, (h, tokens))  # [n, L-1]
+    if mesh is None:
+        lp = jax.lax.map(row_logprobs, (h, tokens))  # [n, L-1]
+    else:  # step i takes row i of each device's block: [n/d, d, ...] with d split over "data"
+        d = int(mesh.shape[sharding.DATA_AXIS])
+        blocks = lambda x: sharding.constrain(  # noqa: E731
+            x.reshape(d, n // d, *x.shape[1:]).swapaxes(0, 1), mesh,
+            jax.sharding.PartitionSpec(None, sharding.DATA_AXIS))
+        lp = jax.lax.map(jax.vmap(row_logprobs), (blocks(h), blocks(tokens)))  # [n/d, d, L-1]
+        lp = sharding.constrain_rows(lp.swapaxes(0, 1).reshape(n, length - 1), mesh)
     lp = jnp.concatenate([jnp.zeros((n, 1), jnp.float32), lp], axis=1)
     return jnp.where(valid & (positions > 0), lp, 0.0)
 
@@ -97,7 +113,7 @@ def _as_ids(item, what: str, index: int, tokenizer, vocab: int, add_special_toke
 
 def score_continuations(model, tokenizer=None, prompts: Sequence = (), continuations: Sequence = (), *,
                         batch_size: int = 4, min_bucket: int = 16,
-                        add_special_tokens: bool = False) -> ScoreOutput:
+                        add_special_tokens: bool = False, mesh: jax.sharding.Mesh | None = None) -> ScoreOutput:
     """Score each continuation under its prompt.
 
     Args:
@@ -111,6 +127,11 @@ def score_continuations(model, tokenizer=None, prompts: Sequence = (), continuat
       batch_size: rows per jitted chunk (static; memory ~ batch_size * L * D plus
         one ``[L, V]`` float32 row of logits).
       min_bucket: smallest length bucket.
+      mesh: optional device mesh (:func:`~align_jax.llm.sharding.make_mesh`), checked against
+        the model's config before any weight moves (``ValueError`` naming the axis and the
+        field); ``batch_size`` is then rounded up to a multiple of its data axis. The weights are
+        placed with :func:`~align_jax.llm.sharding.shard_params` on every call; when scoring in
+        a loop, pass ``(graphdef, shard_params(state, mesh))`` once made (not copied again).
 
     Returns:
       :class:`ScoreOutput` in the input order.
@@ -127,6 +148,9 @@ def score_continuations(model, tokenizer=None, prompts: Sequence = (), continuat
     config = nnx.merge(graphdef, state).config if not isinstance(model, nnx.Module) else model.config
     if isinstance(batch_size, bool) or not isinstance(batch_size, (int, np.integer)) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if mesh is not None:
+        mesh = sharding.check_mesh(mesh, config)
+        batch_size = sharding.padded_rows(int(batch_size), mesh)
     if isinstance(prompts, str) or isinstance(continuations, str):
         raise TypeError("prompts and continuations must be lists (wrap a single string in a list)")
     num = len(continuations)
@@ -149,6 +173,8 @@ def score_continuations(model, tokenizer=None, prompts: Sequence = (), continuat
             f"= {totals[i]} tokens exceeds the model's context (max_position_embeddings={context})"
         )
 
+    if mesh is not None:  # after every input check: a bad input moves no weight
+        state = sharding.shard_params(state, mesh)
     order = np.argsort(totals, kind="stable")
     max_cont = max(len(c) for c in cont_ids)
     out_lp = np.zeros((num, max_cont), np.float32)
@@ -161,7 +187,7 @@ def score_continuations(model, tokenizer=None, prompts: Sequence = (), continuat
             ids = prompt_ids[r] + cont_ids[r]
             tokens[j, :len(ids)] = ids
             lengths[j] = len(ids)
-        lp = np.asarray(token_logprobs(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths)))
+        lp = np.asarray(token_logprobs(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths), mesh=mesh))
         for j, r in enumerate(rows):
             p, m = len(prompt_ids[r]), len(cont_ids[r])
             out_lp[r, :m] = lp[j, p:p + m]
