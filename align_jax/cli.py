@@ -7,6 +7,9 @@
     align-jax cage configs/cage_small.yaml          CAGE multi-objective decoding over a weight grid
                                                     (``align-jax align`` is its deprecated old name)
     align-jax econ train|eval configs/econ_sim.yaml ECON in simulation: train (resumable), evaluate
+    align-jax reason|cage CONFIG --shard I/N        one shard of a run (1-based); --merge joins them
+    align-jax launch --shards N [--ray-address ADDR] reason CONFIG
+                                                    the shards as Ray tasks, then the merge
 
 Every command runs on the shared runner (:mod:`align_jax.runner`) and reports bad input
 here, in one place: ``align-jax: error: <file>:<line>: <field>: <message>`` and exit 2.
@@ -54,6 +57,7 @@ def _add_device_arguments(parser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every sub-command."""
+    from align_jax.cluster import add_launch_subcommand
     from align_jax.methods.cage import add_cage_subcommand
     from align_jax.methods.econ.run import add_econ_subcommand
     from align_jax.methods.reason import add_reason_subcommand
@@ -70,11 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
     add_replay_subcommand(sub)
     add_cage_subcommand(sub)
     add_econ_subcommand(sub)
+    add_launch_subcommand(sub)
     return parser
 
 
 def user_errors() -> tuple[type, ...]:
     """The exception types that mean bad input (reported as one line, exit 2), not a bug."""
+    from align_jax.cluster import LaunchError
     from align_jax.config import ConfigError, FieldError
     from align_jax.data.datasets import DatasetError
     from align_jax.game.types import GameInputError
@@ -82,7 +88,8 @@ def user_errors() -> tuple[type, ...]:
     from align_jax.llm.weights import WeightsError
     from align_jax.runio import CorruptResultsError
 
-    return ConfigError, FieldError, GameInputError, DatasetError, WeightsError, ModelPackageError, CorruptResultsError
+    return (ConfigError, FieldError, GameInputError, DatasetError, WeightsError, ModelPackageError, CorruptResultsError,
+            LaunchError)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -18,6 +18,13 @@ whose hash differs from the rows already written is refused with a
 Layout: ``<output_dir>/<name>/seed<seed>/`` holds ``config.json``,
 ``results.jsonl`` and whatever the command writes at the end (``results.csv``,
 ``summary.md``, ``summary.json``, figures), all through atomic writes.
+
+Shards (:mod:`align_jax.shards`): ``RunFiles(..., shard=Shard(i, n))`` opens the shard's
+own directory ``<run dir>/shards/<i>-of-<n>/`` and :func:`run_units` computes only that
+shard's units; ``RunFiles(..., merge=True)`` checks the shards when it opens and
+:func:`run_units` first merges them into the run's ``results.jsonl`` (in unit order),
+so every command that runs on this runner gets ``--shard I/N`` and ``--merge``
+(:func:`add_run_arguments` with ``shards=True``) without code of its own.
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional, Sequence
 
 from align_jax.config import ConfigError, config_to_dict
 from align_jax.runio import append_jsonl, atomic_write, read_jsonl
+from align_jax.shards import Shard, check_shards, merge_shards, shard_argument, shard_directory, write_manifest
 
 __all__ = [
     "Unit",
@@ -145,16 +153,28 @@ class RunFiles:
       writer: whether this process writes the directory; the other processes of
         a multi-process run (:mod:`align_jax.distributed`) read it and keep
         their record of finished rows in memory.
+      shard: this process computes shard ``i/n`` only; the files are those of
+        ``directory/shards/<i>-of-<n>/`` (``run_directory`` stays ``directory``).
+      merge: merge the run's shards into ``directory`` (checked here, written by
+        :func:`run_units`).
 
     Raises:
       ConfigError: a row without ``key_field`` or with another settings hash
         (``file:line`` in the message).
       CorruptResultsError: a corrupt line in the middle of ``results.jsonl``.
+      ShardError: ``merge`` and the shards are missing, of several splits or of other settings.
     """
 
     def __init__(self, directory: str | os.PathLike, *, key_field: str, settings: str,
-                 config: Any = None, hash_field: str = HASH_FIELD, writer: bool = True):
-        self.directory = Path(directory)
+                 config: Any = None, hash_field: str = HASH_FIELD, writer: bool = True,
+                 shard: Optional[Shard] = None, merge: bool = False):
+        if shard is not None and merge:
+            raise ValueError("a run is either one shard or the merge of all of them, not both")
+        self.run_directory = Path(directory)
+        self.shard = shard
+        self.merge = merge
+        self.shards_found = check_shards(self.run_directory, settings) if merge else None
+        self.directory = shard_directory(directory, shard) if shard is not None else Path(directory)
         self.writer = writer
         if writer:
             self.directory.mkdir(parents=True, exist_ok=True)
@@ -229,10 +249,22 @@ def run_units(files: RunFiles, units: Sequence[Unit], compute: Callable[[Unit], 
     ``compute(unit)`` must return a row for each of ``unit.keys`` (more rows are an
     error, rows already written are dropped, not re-appended). The bar counts rows.
 
+    ``units`` is always the whole run's list. When ``files`` is a shard's, its
+    ``shard.json`` is written and only the shard's units (:meth:`Shard.select`) are
+    computed; when ``files`` merges, the shards' rows are merged into ``results.jsonl``
+    first (:func:`align_jax.shards.merge_shards`), so nothing is left to compute.
+
     Raises:
       RuntimeError: ``compute`` returned no row for one of the unit's keys, or a row
         with a key outside the unit (a bug in the command).
+      ShardError: the shards to merge do not make up this run (see :mod:`align_jax.shards`).
     """
+    if getattr(files, "merge", False):
+        merge_shards(files, units, files.shards_found)
+    if getattr(files, "shard", None) is not None:
+        if files.writer:
+            write_manifest(files, files.shard, units)
+        units = files.shard.select(units)
     total = sum(len(u.keys) for u in units)
     finished = sum(len(u.keys) - len(files.missing(u.keys)) for u in units)
     written = []
@@ -281,11 +313,14 @@ _OVERRIDES = {
 
 
 def add_run_arguments(parser, overrides: Sequence[str] = ("seed", "output_dir"), *,
-                      figures: bool = True, quiet: bool = True, flags: Optional[dict] = None) -> None:
+                      figures: bool = True, quiet: bool = True, flags: Optional[dict] = None,
+                      shards: bool = False) -> None:
     """Adds the common ``CONFIG``, override (``--seed``, ``--output-dir``, ...), ``--no-figures``
     and ``--quiet`` arguments to a sub-command parser.
 
     ``flags`` maps an override field to its flag when it is not ``--field-name``.
+    ``shards`` adds ``--shard I/N`` and ``--merge`` (:mod:`align_jax.shards`); the command
+    passes ``args.shard`` and ``args.merge`` on to its :class:`RunFiles`.
     """
     parser.add_argument("config", help="YAML config (see configs/)")
     for name in overrides:
@@ -295,6 +330,12 @@ def add_run_arguments(parser, overrides: Sequence[str] = ("seed", "output_dir"),
         parser.add_argument("--no-figures", action="store_true", help="skip the figures")
     if quiet:
         parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    if shards:
+        group = parser.add_mutually_exclusive_group()
+        group.add_argument("--shard", type=shard_argument, default=None, metavar="I/N",
+                           help="compute only shard I of N (1-based) into RUN_DIR/shards/I-of-N/ (resumable)")
+        group.add_argument("--merge", action="store_true",
+                           help="merge the finished shards into RUN_DIR/results.jsonl, then write the summary")
 
 
 def apply_overrides(config: Any, args, overrides: Sequence[str]) -> Any:

@@ -30,6 +30,12 @@ settings under the same name is refused. At the end the run directory gets
 method with paired 95% bootstrap intervals over questions, tokens and model calls per
 question) and ``accuracy.png``.
 
+Several machines: ``--shard I/N`` computes only the windows ``I-1, I-1+N, ...`` into
+``<run dir>/shards/<I>-of-<N>/`` and ``--merge`` joins the finished shards into the run's
+``results.jsonl`` (the unsharded run's rows, in question order) and writes the summary;
+``align-jax launch`` runs the shards as Ray tasks (:mod:`align_jax.shards`,
+:mod:`align_jax.cluster`).
+
 Keys: window w uses ``fold_in(key(seed), w)``, then ``fold_in(., stage)`` per stage;
 inside a stage, question q of the window gets ``fold_in(., q)``-derived keys, so a row
 does not depend on how many questions its window holds (``limit`` is not a setting).
@@ -86,6 +92,7 @@ from align_jax.methods.rows import (
     row_to_dict,
 )
 from align_jax.runner import RunFiles, Unit, add_run_arguments, apply_overrides, run_units
+from align_jax.shards import Shard
 
 __all__ = [
     "ReasonReport",
@@ -248,7 +255,8 @@ class ReasonReport(NamedTuple):
 
 def run_reason(config: ReasonConfig, *, progress: bool = True, figures: bool = True,
                pool: Optional[ModelPool] = None,
-               on_question: Optional[Callable[[dict], None]] = None) -> ReasonReport:
+               on_question: Optional[Callable[[dict], None]] = None,
+               shard: Optional[Shard] = None, merge: bool = False) -> ReasonReport:
     """Runs (or resumes) a reason run; see the module docstring.
 
     Args:
@@ -259,6 +267,10 @@ def run_reason(config: ReasonConfig, *, progress: bool = True, figures: bool = T
         only when a window has work).
       on_question: called with each new row right after it is written (an exception
         raised there stops the run; a rerun resumes).
+      shard: compute only this shard's windows, in its own directory (the report's rows
+        and summary are the shard's).
+      merge: merge the finished shards into the run directory first (no model is loaded
+        when they are complete).
 
     Raises:
       ConfigError: the results file was written with different settings, or holds a
@@ -268,7 +280,8 @@ def run_reason(config: ReasonConfig, *, progress: bool = True, figures: bool = T
     wall_start = time.perf_counter()
     problems = datasets_lib.load_dataset(config.dataset, config.split, config.data_dir,
                                          limit=config.limit, offset=config.offset)
-    files = RunFiles(run_dir(config), key_field="question_id", settings=reason_settings_hash(config))
+    files = RunFiles(run_dir(config), key_field="question_id", settings=reason_settings_hash(config),
+                     shard=shard, merge=merge)
     read_rows(files.results_path)  # every finished row checked against the row schema
     files.write_json("config.json", dataclasses.asdict(config))
     agents = agent_specs(config)
@@ -290,7 +303,8 @@ def run_reason(config: ReasonConfig, *, progress: bool = True, figures: bool = T
         return process_window(config, agents, pool, window, jax.random.fold_in(base_key, w),
                               generator=generator, principal=principal)
 
-    run_units(files, units, compute, description=f"{config.name}: questions", progress=progress, on_row=on_question)
+    description = f"{config.name}: questions" + (f" (shard {shard})" if shard is not None else "")
+    run_units(files, units, compute, description=description, progress=progress, on_row=on_question)
     rows = files.rows(p.id for p in problems)
     summary = summarize(rows, config)
     summary["run_wall_s"] = time.perf_counter() - wall_start
@@ -308,17 +322,25 @@ def run_reason(config: ReasonConfig, *, progress: bool = True, figures: bool = T
 _OVERRIDES = ("limit", "seed", "output_dir")
 
 
+def _reason_config(args) -> ReasonConfig:
+    return apply_overrides(load_reason_config(args.config), args, _OVERRIDES)
+
+
 def _reason_command(args) -> int:
-    config = apply_overrides(load_reason_config(args.config), args, _OVERRIDES)
-    report = run_reason(config, progress=not args.quiet, figures=not args.no_figures)
+    config = _reason_config(args)
+    report = run_reason(config, progress=not args.quiet, figures=not args.no_figures, shard=args.shard,
+                        merge=args.merge)
     print_summary(config, report.summary)
+    if args.shard is not None:
+        print(f"shard {args.shard}: {len(report.rows)} questions; merge the shards with --merge")
     print(f"wall time {report.wall_s:.1f} s; results: {report.directory}")
     return 0
 
 
 def add_reason_subcommand(subparsers) -> argparse.ArgumentParser:
-    """Adds ``reason CONFIG [--limit N] [--seed S] [--output-dir DIR] [--no-figures] [--quiet]``."""
+    """Adds ``reason CONFIG [--limit N] [--seed S] [--output-dir DIR] [--shard I/N | --merge] [--no-figures]
+    [--quiet]``."""
     parser = subparsers.add_parser("reason", help="ALIGN vs baselines on GSM8K / GSM-Hard / MATH-500 with real models")
-    add_run_arguments(parser, _OVERRIDES)
-    parser.set_defaults(func=_reason_command)
+    add_run_arguments(parser, _OVERRIDES, shards=True)
+    parser.set_defaults(func=_reason_command, run_directory=lambda args: run_dir(_reason_config(args)))
     return parser

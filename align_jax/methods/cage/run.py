@@ -15,6 +15,11 @@ questions, or one processor method on a chunk for every weight vector at once
 (:func:`~align_jax.methods.cage.processor.decode_weight_grid`). Chunks start at fixed
 multiples of ``batch_questions``, so ``num_questions`` is left out of the settings
 hash: a longer or shorter run keeps the rows it shares.
+
+Several machines: ``--shard I/N`` computes only units ``I-1, I-1+N, ...`` (whole decode
+calls) into ``<run dir>/shards/<I>-of-<N>/``; ``--merge`` joins the finished shards into
+the run's ``results.jsonl`` in unit order and writes the summary (:mod:`align_jax.shards`);
+``align-jax launch`` runs the shards as Ray tasks (:mod:`align_jax.cluster`).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from align_jax.methods.cage.processor import (
 )
 from align_jax.methods.cage.report import summarise, summary_markdown, tradeoff_figure
 from align_jax.registry import UnknownNameError
+from align_jax.shards import check_shards
 
 __all__ = ["SETTINGS_EXCLUDE", "build_objectives", "run_cage", "run_dir", "add_cage_subcommand"]
 
@@ -110,11 +116,13 @@ def _check_weights_of_rows(config: CageConfig, files: runner.RunFiles, units) ->
 
 
 def run_cage(config: CageConfig, *, progress: bool = True, figures: bool = True,
-             base=None, guide=None) -> dict:
+             base=None, guide=None, shard=None, merge: bool = False) -> dict:
     """Run (or resume) a weight sweep; returns the summary dict (also written to disk).
 
     ``base`` / ``guide``: optional preloaded ``LoadedModel``s (default: load
-    ``config.base_model`` / ``config.guide_model``).
+    ``config.base_model`` / ``config.guide_model``). ``shard``: compute only this
+    :class:`~align_jax.shards.Shard`'s units, in its own directory (the summary is the
+    shard's); ``merge``: merge the finished shards into the run directory first.
 
     Raises:
       ConfigError: ``top_m`` larger than the base vocabulary, an unknown objective,
@@ -128,6 +136,9 @@ def run_cage(config: CageConfig, *, progress: bool = True, figures: bool = True,
 
     problems = datasets.load_dataset(config.dataset, config.split, config.data_dir,
                                      limit=config.num_questions, offset=config.offset)
+    settings = runner.settings_hash(config, exclude=SETTINGS_EXCLUDE)
+    if merge:  # missing or mismatched shards fail before any model loads
+        check_shards(run_dir(config), settings)
     base = base if base is not None else load_pretrained(config.base_model, param_dtype=config.param_dtype)
     loaded = {config.base_model: base}
 
@@ -150,8 +161,8 @@ def run_cage(config: CageConfig, *, progress: bool = True, figures: bool = True,
     solver = SolverConfig(max_iters=config.solver_max_iters)
     processors = {m: make_processor(objectives, method=m, top_m=config.top_m, vocab_size=vocab, solver_config=solver)
                   for m in PROCESSOR_METHODS if m in config.methods}
-    files = runner.RunFiles(run_dir(config), key_field="key", config=config,
-                            settings=runner.settings_hash(config, exclude=SETTINGS_EXCLUDE))
+    files = runner.RunFiles(run_dir(config), key_field="key", config=config, settings=settings, shard=shard,
+                            merge=merge)
     root = jax.random.key(config.seed)
     chunk = config.batch_questions
 
@@ -211,7 +222,9 @@ def run_cage(config: CageConfig, *, progress: bool = True, figures: bool = True,
     units = _units(config, problems)
     _check_weights_of_rows(config, files, units)
     t_start = time.perf_counter()
-    runner.run_units(files, units, compute, description=f"cage {config.name}", progress=progress)
+    description = f"cage {config.name}" + (f" (shard {shard})" if shard is not None else "")
+    runner.run_units(files, units, compute, description=description, progress=progress)
+    _check_weights_of_rows(config, files, units)  # merged rows too
     rows = files.rows([k for u in units for k in u.keys])
     summary = summarise([o.name for o in objectives], rows)
     summary["guide_truncated_tokens"] = None
@@ -234,11 +247,19 @@ def run_cage(config: CageConfig, *, progress: bool = True, figures: bool = True,
 _OVERRIDES = ("num_questions", "max_new_tokens", "seed", "output_dir")
 
 
+def _cage_config(args) -> CageConfig:
+    return remember_source(runner.apply_overrides(load_cage_config(args.config), args, _OVERRIDES), args.config)
+
+
 def _cage_command(args) -> int:
-    config = remember_source(runner.apply_overrides(load_cage_config(args.config), args, _OVERRIDES), args.config)
-    summary = run_cage(config, progress=not args.quiet, figures=not args.no_figures)
-    print((run_dir(config) / "summary.md").read_text(encoding="utf-8"))
-    print(f"results: {run_dir(config)} ({summary['wall_s']:.1f}s)")
+    from align_jax.shards import shard_directory
+
+    config = _cage_config(args)
+    summary = run_cage(config, progress=not args.quiet, figures=not args.no_figures, shard=args.shard,
+                       merge=args.merge)
+    directory = run_dir(config) if args.shard is None else shard_directory(run_dir(config), args.shard)
+    print((directory / "summary.md").read_text(encoding="utf-8"))
+    print(f"results: {directory} ({summary['wall_s']:.1f}s)")
     missed = {m: c for m, c in summary.get("unconverged_steps", {}).items() if c["steps"]}
     for m, c in missed.items():
         print(f"align-jax cage: warning: {m}: {c['steps']} of {c['decoded_tokens']} equilibrium solves did not "
@@ -262,5 +283,5 @@ def add_cage_subcommand(subparsers) -> None:
     ):
         parser = subparsers.add_parser(name, help=help_text,
                                        description=help_text + " (see configs/cage_small.yaml)")
-        runner.add_run_arguments(parser, overrides=_OVERRIDES)
-        parser.set_defaults(func=func)
+        runner.add_run_arguments(parser, overrides=_OVERRIDES, shards=True)
+        parser.set_defaults(func=func, run_directory=lambda args: run_dir(_cage_config(args)))
