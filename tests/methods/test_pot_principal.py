@@ -132,6 +132,34 @@ def test_registered_factory_builds_the_default_principal(tiny_pool, tiny_checkpo
     assert principal.settings == PotSettings() and principal.seed == 2 and principal.answer_level
 
 
+def test_a_reason_config_sets_p_and_the_sandbox_limits(tiny_pool, tiny_checkpoint, tmp_path):
+    """``principal.pot`` in a reason YAML reaches the principal; a bad limit names file, line and field."""
+    from align_jax.methods.reason_config import load_reason_config
+
+    text = f"""name: pot
+agents:
+  - model: {tiny_checkpoint}
+principal:
+  type: pot
+  pot:
+    num_programs: 6
+    temperature: 0.5
+    limits:
+      wall_s: 3.0
+      memory_mb: 256
+"""
+    path = tmp_path / "pot.yaml"
+    path.write_text(text)
+    config = load_reason_config(path)
+    principal = make_principal(config.principal, pool=tiny_pool, default_model=tiny_checkpoint)
+    assert principal.settings.num_programs == 6 and principal.settings.temperature == 0.5
+    assert principal.settings.limits.wall_s == 3.0 and principal.settings.limits.memory_mb == 256
+    assert principal.sandbox.limits == principal.settings.limits
+    path.write_text(text.replace("memory_mb: 256", "memory_mb: 8"))
+    with pytest.raises(ConfigError, match=r"pot\.yaml:11: principal\.pot\.limits\.memory_mb: must be >= 64"):
+        load_reason_config(path)
+
+
 @pytest.mark.slow  # about 25 s, nearly all of it compiling the tiny agents' sampler and the debate
 def test_reason_run_with_the_pot_principal(tiny_checkpoint, tiny_data_dir, tiny_pool, tmp_path, monkeypatch):
     """A whole `align-jax reason` run on the tiny model with `principal: {type: pot}`."""

@@ -18,6 +18,7 @@ import numpy as np
 from align_jax.config import ConfigError, FieldError
 from align_jax.methods.candidates import Cost, ModelPool, QuestionCandidates
 from align_jax.registry import Registry
+from align_jax.sandbox import SandboxLimits
 
 __all__ = [
     "PrincipalScores",
@@ -154,6 +155,46 @@ def model_field_error(field: str, name: object) -> Optional[FieldError]:
 
 
 @dataclasses.dataclass(frozen=True)
+class PotSettings:
+    """Settings of the program-of-thought principal.
+
+    Attributes:
+      num_programs: P, programs sampled per question (>= 1).
+      temperature: sampling temperature (>= 0; 0 = greedy, then P > 1 repeats one program).
+      top_p: nucleus mass in ``(0, 1]``.
+      max_new_tokens: token budget of one program (>= 16).
+      limits: the sandbox's :class:`~align_jax.sandbox.SandboxLimits` per program.
+      workers: programs run in the sandbox at once (>= 1).
+
+    Raises:
+      FieldError: a setting out of range (the field is named).
+    """
+
+    num_programs: int = 4
+    temperature: float = 0.7
+    top_p: float = 0.95
+    max_new_tokens: int = 256
+    limits: SandboxLimits = dataclasses.field(default_factory=lambda: SandboxLimits(wall_s=5.0, cpu_s=2.0))
+    workers: int = 2
+
+    def __post_init__(self):
+        if isinstance(self.num_programs, bool) or not isinstance(self.num_programs, int) or self.num_programs < 1:
+            raise FieldError("num_programs", f"must be an integer >= 1 (P programs per question), got "
+                                             f"{self.num_programs!r}")
+        if not self.temperature >= 0:
+            raise FieldError("temperature", f"must be >= 0, got {self.temperature!r}")
+        if not 0 < self.top_p <= 1:
+            raise FieldError("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        tokens = self.max_new_tokens
+        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 16:
+            raise FieldError("max_new_tokens", f"must be an integer >= 16, got {self.max_new_tokens!r}")
+        if not isinstance(self.limits, SandboxLimits):
+            raise FieldError("limits", f"must be a SandboxLimits, got {type(self.limits).__name__}")
+        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
+            raise FieldError("workers", f"must be an integer >= 1, got {self.workers!r}")
+
+
+@dataclasses.dataclass(frozen=True)
 class PrincipalSection:
     """The ``principal:`` section of a reason config.
 
@@ -163,12 +204,15 @@ class PrincipalSection:
       model: the judging LLM of ``verifier`` / ``ranker`` (default: the first agent's model).
       flip_rate: flip probability of ``noisy_oracle``, in ``[0, 1]``.
       batch_size: prompts per scoring call of an LLM principal (>= 1).
+      pot: settings of the ``pot`` (program-of-thought) principal: programs per question,
+        sampling, and the sandbox's ``limits`` (:class:`PotSettings`); None = the defaults.
     """
 
     type: str = "verifier"
     model: Optional[str] = None
     flip_rate: float = 0.1
     batch_size: int = 8
+    pot: Optional[PotSettings] = None
 
     def __post_init__(self):
         PRINCIPALS.get(self.type, field="type")

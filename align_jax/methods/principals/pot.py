@@ -37,12 +37,13 @@ from align_jax.data import answers_equal
 from align_jax.methods.candidates import Cost, ModelPool, QuestionCandidates
 from align_jax.methods.principals.base import (
     PRINCIPALS,
+    PotSettings,
     PrincipalBatch,
     PrincipalContext,
     PrincipalScores,
     PrincipalSection,
 )
-from align_jax.sandbox import Sandbox, SandboxLimits, SandboxResult
+from align_jax.sandbox import Sandbox, SandboxResult
 
 __all__ = [
     "POT_INSTRUCTION",
@@ -58,46 +59,6 @@ __all__ = [
 POT_INSTRUCTION = ("Write a short Python program that solves the problem below. Define a function "
                    "`solution()` that computes and returns the final answer as a number. Use only the "
                    "standard library. Reply with the code only, in one ```python block.")
-
-
-@dataclasses.dataclass(frozen=True)
-class PotSettings:
-    """Settings of the program-of-thought principal.
-
-    Attributes:
-      num_programs: P, programs sampled per question (>= 1).
-      temperature: sampling temperature (>= 0; 0 = greedy, then P > 1 repeats one program).
-      top_p: nucleus mass in ``(0, 1]``.
-      max_new_tokens: token budget of one program (>= 16).
-      limits: the sandbox's :class:`~align_jax.sandbox.SandboxLimits` per program.
-      workers: programs run in the sandbox at once (>= 1).
-
-    Raises:
-      FieldError: a setting out of range (the field is named).
-    """
-
-    num_programs: int = 4
-    temperature: float = 0.7
-    top_p: float = 0.95
-    max_new_tokens: int = 256
-    limits: SandboxLimits = dataclasses.field(default_factory=lambda: SandboxLimits(wall_s=5.0, cpu_s=2.0))
-    workers: int = 2
-
-    def __post_init__(self):
-        if isinstance(self.num_programs, bool) or not isinstance(self.num_programs, int) or self.num_programs < 1:
-            raise FieldError("num_programs", f"must be an integer >= 1 (P programs per question), got "
-                                             f"{self.num_programs!r}")
-        if not self.temperature >= 0:
-            raise FieldError("temperature", f"must be >= 0, got {self.temperature!r}")
-        if not 0 < self.top_p <= 1:
-            raise FieldError("top_p", f"must be in (0, 1], got {self.top_p!r}")
-        tokens = self.max_new_tokens
-        if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 16:
-            raise FieldError("max_new_tokens", f"must be an integer >= 16, got {self.max_new_tokens!r}")
-        if not isinstance(self.limits, SandboxLimits):
-            raise FieldError("limits", f"must be a SandboxLimits, got {type(self.limits).__name__}")
-        if isinstance(self.workers, bool) or not isinstance(self.workers, int) or self.workers < 1:
-            raise FieldError("workers", f"must be an integer >= 1, got {self.workers!r}")
 
 
 class PotPrograms(NamedTuple):
@@ -188,8 +149,9 @@ class ProgramOfThought:
 
     @classmethod
     def from_section(cls, section: PrincipalSection, context: PrincipalContext) -> "ProgramOfThought":
-        """The factory: writes programs with ``section.model`` (default: the context's default model)."""
-        return cls(context.pool, section.model or context.default_model, PotSettings(), context.seed)
+        """The factory: writes programs with ``section.model`` (default: the context's default model) and
+        the config's ``principal.pot`` settings (P, sampling, sandbox limits; default :class:`PotSettings`)."""
+        return cls(context.pool, section.model or context.default_model, section.pot or PotSettings(), context.seed)
 
     def question_key(self, question_id: str):
         """The sampling key of one question: ``fold_in(key(seed), crc32(question_id))``."""
