@@ -19,6 +19,7 @@ from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from align_jax.llm import sharding
@@ -31,6 +32,7 @@ __all__ = [
     "DecodeResult",
     "decode",
     "decode_donating",
+    "decode_compacting",
     "FINISH_LENGTH",
     "FINISH_EOS",
     "FINISH_STOP",
@@ -139,8 +141,8 @@ class _Carry(NamedTuple):
 
 
 def _decode_impl(graphdef, state, cache, first_logits, prompt_lengths, key, temperature, top_p,
-                 processor_state, processor_params, row_active=None, *, spec: DecodeSpec, num_samples: int,
-                 mesh=None):
+                 processor_state, processor_params, row_active=None, row_ids=None, *, spec: DecodeSpec,
+                 num_samples: int, mesh=None, stop_below: int = 0, resume: bool = False):
     """Fills the ``[R, T]`` token buffer from a prefilled cache; returns a :class:`DecodeResult`.
 
     Args:
@@ -156,14 +158,23 @@ def _decode_impl(graphdef, state, cache, first_logits, prompt_lengths, key, temp
       mesh: (static) the mesh ``state`` is sharded on (:mod:`~align_jax.llm.sharding`), or None:
         the cache stays split over rows and KV heads, the row buffers over rows, and each
         step's logits are gathered whole over the vocabulary.
+      row_ids: optional int32 ``[R]``, the row each row is in the original batch (its sampling
+        key); default ``arange(R)``. Set by :func:`decode_compacting` for a compacted batch.
+      stop_below: (static) leave the loop early once at most this many rows are still
+        decoding (0: run to the end); :func:`decode_compacting` then drops the finished rows.
+      resume: (static) ``cache`` is a whole loop state (a ``_Carry``) of an earlier call made
+        with ``stop_below``, and ``first_logits`` is ignored; the call returns the loop state
+        instead of a :class:`DecodeResult` whenever ``stop_below > 0 or resume``.
     """
     TRACE_COUNTS["decode"] += 1
     model = nnx.merge(graphdef, state)
-    rows = first_logits.shape[0]
-    bucket = cache.num_slots - spec.max_new_tokens
-    num_slots = cache.num_slots
+    rows = prompt_lengths.shape[0]
+    kv_cache = cache.cache if resume else cache
+    bucket = kv_cache.num_slots - spec.max_new_tokens
+    num_slots = kv_cache.num_slots
     kv_mask = left_pad_mask(prompt_lengths, bucket, num_slots)
-    row_ids = jnp.arange(rows, dtype=jnp.int32)
+    if row_ids is None:
+        row_ids = jnp.arange(rows, dtype=jnp.int32)
     row_keys = jax.vmap(
         lambda r: jax.random.fold_in(jax.random.fold_in(key, r // num_samples), r % num_samples)
     )(row_ids)
@@ -217,6 +228,20 @@ def _decode_impl(graphdef, state, cache, first_logits, prompt_lengths, key, temp
         )
 
     t_max = spec.max_new_tokens
+
+    def cond(c: _Carry):
+        return (c.step < t_max) & (jnp.sum(~c.done) > stop_below)
+
+    def body(c: _Carry) -> _Carry:
+        prev = c.step - 1
+        positions = (prompt_lengths + prev)[:, None]
+        logits, new_cache = model(c.last_tokens[:, None], positions, c.cache, bucket + prev, kv_mask)
+        if mesh is not None:
+            new_cache = sharding.constrain_cache(new_cache, mesh, model.config)
+        return choose(c._replace(cache=new_cache), rows_of(logits[:, 0]))
+
+    if resume:
+        return jax.lax.while_loop(cond, body, cache)
     carry = _Carry(
         step=jnp.zeros((), jnp.int32),
         cache=sharding.constrain_cache(cache, mesh, model.config),
@@ -230,19 +255,9 @@ def _decode_impl(graphdef, state, cache, first_logits, prompt_lengths, key, temp
         user=processor_state,
     )
     carry = choose(carry, rows_of(first_logits))
-
-    def cond(c: _Carry):
-        return (c.step < t_max) & ~jnp.all(c.done)
-
-    def body(c: _Carry) -> _Carry:
-        prev = c.step - 1
-        positions = (prompt_lengths + prev)[:, None]
-        logits, new_cache = model(c.last_tokens[:, None], positions, c.cache, bucket + prev, kv_mask)
-        if mesh is not None:
-            new_cache = sharding.constrain_cache(new_cache, mesh, model.config)
-        return choose(c._replace(cache=new_cache), rows_of(logits[:, 0]))
-
     carry = jax.lax.while_loop(cond, body, carry)
+    if stop_below > 0:
+        return carry
     return DecodeResult(
         tokens=carry.tokens, lengths=carry.lengths, logprobs=carry.logprobs,
         sampling_logprobs=carry.sampling_logprobs, finish_code=carry.finish_code,
@@ -250,9 +265,88 @@ def _decode_impl(graphdef, state, cache, first_logits, prompt_lengths, key, temp
     )
 
 
-_DECODE_STATIC = ("graphdef", "spec", "num_samples", "mesh")
+_DECODE_STATIC = ("graphdef", "spec", "num_samples", "mesh", "stop_below", "resume")
 decode = jax.jit(_decode_impl, static_argnames=_DECODE_STATIC, donate_argnames=("cache",))
 # The same program with the processor state donated too (a guide model's KV cache in
 # the processor state is then updated in place instead of living twice in memory).
 decode_donating = jax.jit(_decode_impl, static_argnames=_DECODE_STATIC,
                           donate_argnames=("cache", "processor_state"))
+
+
+@jax.jit
+def _take_rows(carry: _Carry, index: jax.Array) -> _Carry:
+    """The loop state of rows ``index`` (every leaf but the shared step is row-major)."""
+    step = carry.step
+    taken = jax.tree.map(lambda x: x[index], carry._replace(step=None))
+    return taken._replace(step=step)
+
+
+def decode_compacting(graphdef, state, cache, first_logits, prompt_lengths, key, temperature, top_p, *,
+                      spec: DecodeSpec, num_samples: int, min_rows: int = 8) -> DecodeResult:
+    """:func:`decode` that halves its batch whenever half of the rows have finished.
+
+    A batch decodes until its longest row ends, so rows that finished early keep costing a
+    full row of every step. Here the loop leaves the compiled program once at most ``R / 2``
+    rows are still decoding; their loop state (KV cache, token buffers, flags) is gathered into
+    an ``R / 2``-row batch (the free places filled with finished copies) and decoding goes on
+    there, down to ``min_rows`` rows. Each row keeps its sampling key (``row_ids``) and its own
+    computation, so the tokens are those of :func:`decode`; one program is compiled per batch
+    size on the ladder ``R, R / 2, ...`` (reused by every later call of the same shape).
+    Without a logits processor only (a processor's state has no known row layout).
+
+    Args: as :func:`decode` (no processor, no mesh); ``min_rows``: smallest compacted batch.
+
+    Returns:
+      :class:`DecodeResult` with host (NumPy) arrays for the original R rows; ``cache`` and
+      ``processor_state`` are None.
+    """
+    if spec.logits_processor is not None or spec.processor_update is not None:
+        raise ValueError("decode_compacting: logits processors are not supported; use decode")
+    rows = int(prompt_lengths.shape[0])
+    t_max = spec.max_new_tokens
+    out = {
+        "tokens": np.full((rows, t_max), spec.pad_token_id, np.int32),
+        "logprobs": np.zeros((rows, t_max), np.float32),
+        "sampling_logprobs": np.zeros((rows, t_max), np.float32),
+        "lengths": np.zeros((rows,), np.int32),
+        "finish_code": np.zeros((rows,), np.int32),
+    }
+    owner = np.arange(rows)  # original row of each current row; -1 for a filler
+
+    def half(size: int) -> int:
+        return size // 2 if size // 2 >= min_rows else 0
+
+    def write(carry: _Carry, which: np.ndarray) -> None:
+        host = jax.device_get({name: getattr(carry, name) for name in out})
+        for name, value in host.items():
+            out[name][owner[which]] = value[which]
+
+    static = dict(spec=spec, num_samples=num_samples)
+    carry = decode(graphdef, state, cache, first_logits, prompt_lengths, key, temperature, top_p, None, None,
+                   None, None, stop_below=max(half(rows), 1) if half(rows) else 0, **static)
+    if not half(rows):  # too few rows to compact: a plain decode
+        host = jax.device_get(carry)
+        return host._replace(processor_state=None, cache=None)
+    size = rows
+    while True:
+        step, done = jax.device_get((carry.step, carry.done))
+        real = owner >= 0
+        if int(step) >= t_max or bool(done.all()) or not half(size):
+            write(carry, np.flatnonzero(real))
+            break
+        write(carry, np.flatnonzero(done & real))
+        keep = np.flatnonzero(~done)
+        size = half(size)
+        fill = size - keep.size
+        index = np.concatenate([keep, np.full(fill, keep[0])]).astype(np.int32)
+        carry = _take_rows(carry, jnp.asarray(index))
+        carry = carry._replace(done=carry.done.at[keep.size:].set(True))
+        owner = np.concatenate([owner[keep], np.full(fill, -1)])
+        pick = jnp.asarray(index)
+        prompt_lengths, temperature, top_p = prompt_lengths[pick], temperature[pick], top_p[pick]
+        row_ids = jnp.asarray(np.maximum(owner, 0), jnp.int32)
+        carry = decode(graphdef, state, carry, None, prompt_lengths, key, temperature, top_p, None, None,
+                       None, row_ids, stop_below=half(size), resume=True, **static)
+    return DecodeResult(tokens=out["tokens"], lengths=out["lengths"], logprobs=out["logprobs"],
+                        sampling_logprobs=out["sampling_logprobs"], finish_code=out["finish_code"],
+                        num_steps=np.asarray(step, np.int32), processor_state=None, cache=None)

@@ -59,6 +59,7 @@ from align_jax.llm.decode_loop import (
     DecodeSpec,
     SamplerStepState,
     decode,
+    decode_compacting,
     decode_donating,
 )
 from align_jax.llm.decoding import (
@@ -224,13 +225,15 @@ class Sampler:
     """
 
     def __init__(self, model, tokenizer=None, *, min_prompt_bucket: int = 16, bucket_steps: int = 4,
-                 mesh: jax.sharding.Mesh | None = None):
+                 mesh: jax.sharding.Mesh | None = None, compact_min_rows: int | None = 8):
         """``model``: a ``LoadedModel`` (config, model, tokenizer) or a ``Transformer``
         (then pass ``tokenizer`` to use text prompts; token-id prompts need none).
         ``min_prompt_bucket`` and ``bucket_steps``: the prompt padding (:func:`prompt_bucket`).
         ``mesh``: optional device mesh, checked against the model's config
         (:func:`~align_jax.llm.sharding.check_mesh`, a ``ValueError`` naming the axis and
-        the field) before any weight is moved."""
+        the field) before any weight is moved.
+        ``compact_min_rows``: decode batches of at least twice this many rows shrink by half
+        whenever half of their rows have finished (:meth:`decode`); None turns that off."""
         if hasattr(model, "model") and hasattr(model, "config") and not isinstance(model, nnx.Module):
             tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
             model = model.model
@@ -244,6 +247,9 @@ class Sampler:
             self.state = sharding.shard_params(self.state, self.mesh)
         self.min_prompt_bucket = int(min_prompt_bucket)
         self.bucket_steps = int(bucket_steps)
+        if compact_min_rows is not None and int(compact_min_rows) < 1:
+            raise ValueError(f"compact_min_rows must be >= 1 or None, got {compact_min_rows}")
+        self.compact_min_rows = None if compact_min_rows is None else int(compact_min_rows)
         prompt_bucket(1, self.min_prompt_bucket, self.bucket_steps)  # validates steps
 
     # -- host-side preparation -------------------------------------------------
@@ -340,12 +346,22 @@ class Sampler:
                processor_state: Any = None, processor_params: Any = None,
                donate_processor_state: bool = False) -> DecodeResult:
         """Decode from a prefilled cache (the cache is donated: do not reuse it; with
-        ``donate_processor_state`` the processor state is donated too)."""
+        ``donate_processor_state`` the processor state is donated too).
+
+        Without a logits processor or mesh, and with ``compact_min_rows`` set, the batch is
+        halved whenever half its rows have finished (:func:`~align_jax.llm.decode_loop.decode_compacting`:
+        the same tokens, host arrays, ``cache=None``)."""
         if spec.max_new_tokens != batch.max_new_tokens:
             raise ValueError(f"spec.max_new_tokens={spec.max_new_tokens} != batch.max_new_tokens={batch.max_new_tokens}")
         row_lengths = np.repeat(batch.prompt_lengths, batch.num_samples)
         run = decode_donating if donate_processor_state else decode
         active = batch.row_active
+        if (self.compact_min_rows and spec.logits_processor is None and spec.processor_update is None
+                and processor_state is None and self.mesh is None and active is None):
+            return decode_compacting(
+                self.graphdef, self.state, cache, first_logits, jnp.asarray(row_lengths), _check_key(key),
+                jnp.asarray(batch.temperature), jnp.asarray(batch.top_p), spec=spec,
+                num_samples=batch.num_samples, min_rows=self.compact_min_rows)
         return run(
             self.graphdef, self.state, cache, first_logits, jnp.asarray(row_lengths),
             _check_key(key), jnp.asarray(batch.temperature), jnp.asarray(batch.top_p), processor_state,

@@ -494,12 +494,41 @@ def sample_agents(
                 temps.append(agent.temperature if temperature_override is None else temperature_override)
                 top_ps.append(agent.top_p)
                 owners.append((q, i))
+        # Greedy rows (temperature 0) with the same conversation decode to the same text (e.g.
+        # two agents that differ only in temperature, run at temperature 0): decode each once.
+        # A row's cost is still what the agent would have paid alone.
+        unique, source = _dedup_greedy_rows(convs, temps)
         out = pool.generate_chat(
-            model, convs, key=jax.random.fold_in(key, group_index), num_samples=k, max_new_tokens=max_new,
-            temperature=np.asarray(temps, np.float32), top_p=np.asarray(top_ps, np.float32), stop=stop,
+            model, [convs[b] for b in unique], key=jax.random.fold_in(key, group_index), num_samples=k,
+            max_new_tokens=max_new, temperature=np.asarray([temps[b] for b in unique], np.float32),
+            top_p=np.asarray([top_ps[b] for b in unique], np.float32), stop=stop,
         )
         for b, (q, i) in enumerate(owners):
-            texts[q][i] = list(out.texts[b])
-            tokens[q][i] = [int(t) for t in out.tokens[b]]
-            costs[q][i] = Cost(calls=k, gen_tokens=int(out.tokens[b].sum()), prompt_tokens=int(out.prompt_tokens[b]))
+            u = source[b]
+            texts[q][i] = list(out.texts[u])
+            tokens[q][i] = [int(t) for t in out.tokens[u]]
+            costs[q][i] = Cost(calls=k, gen_tokens=int(out.tokens[u].sum()), prompt_tokens=int(out.prompt_tokens[u]))
     return texts, tokens, costs
+
+
+def _dedup_greedy_rows(conversations: Sequence[list[dict]], temperatures: Sequence[float]) -> tuple[list[int], list[int]]:
+    """``(unique, source)``: the rows to decode, and for every row ``b`` the index into ``unique``
+    of the row whose output it takes.  When every row is greedy (temperature 0), rows with equal
+    conversations share one decode; a call with any sampled row is left alone, since a sampled
+    row's key depends on its index in the call."""
+    import json
+
+    if any(float(t) != 0.0 for t in temperatures):
+        return list(range(len(conversations))), list(range(len(conversations)))
+    unique: list[int] = []
+    source: list[int] = []
+    seen: dict[str, int] = {}
+    for b, conversation in enumerate(conversations):
+        fingerprint = json.dumps(conversation, sort_keys=True)
+        if fingerprint in seen:
+            source.append(seen[fingerprint])
+            continue
+        seen[fingerprint] = len(unique)
+        source.append(len(unique))
+        unique.append(b)
+    return unique, source

@@ -217,7 +217,7 @@ def process_window(config: ReasonConfig, agents: Sequence[AgentSpec], pool: Opti
                      for s, slot in enumerate(agent.slots)]
             agents_rows.append(AgentRecord(names[i], samples, slots, _cost_record(window.sample_costs[q][i])))
         game = {k: v for k, v in game_rows[q].items() if k not in ("baselines", "answer", "correct")}
-        sections = {"greedy": None, "debate": None}
+        sections = {"greedy": None, "debate": None, "econ": None}
         results = {}
         for method in methods:
             output = outputs[method.name][q]
@@ -232,6 +232,7 @@ def process_window(config: ReasonConfig, agents: Sequence[AgentSpec], pool: Opti
             wall_s=wall / len(problems), window_wall_s=wall,
             stage_wall_s={k: v / len(problems) for k, v in stages.items()},  # this question's share
             math_verify_failures=window.check_failures[q] or None,
+            econ=sections["econ"],
         )
         rows.append(row_to_dict(row))
     return rows
@@ -285,6 +286,9 @@ def run_reason(config: ReasonConfig, *, progress: bool = True, figures: bool = T
     read_rows(files.results_path)  # every finished row checked against the row schema
     files.write_json("config.json", dataclasses.asdict(config))
     agents = agent_specs(config)
+    for method in enabled_methods(config):  # run-start checks of methods with their own inputs (before any model)
+        if hasattr(method, "prepare"):
+            method.prepare(config)
     pool = pool if pool is not None else ModelPool(dtype=config.dtype, param_dtype=config.param_dtype,
                                                    quantized=config.quantized)
     generator = make_generator(config.candidates)

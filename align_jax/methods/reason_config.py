@@ -17,6 +17,7 @@ import numpy as np
 from align_jax.config import FieldError, load_config
 from align_jax.data import datasets as datasets_lib
 from align_jax.methods.candidates import PROMPT_STYLES, AgentSpec
+from align_jax.methods.econ.reason_method import EconSection
 from align_jax.methods.generators import CandidateSection
 from align_jax.methods.principals import PrincipalSection, model_field_error
 from align_jax.methods.reason_methods import DEFAULT_METHODS, REASON_METHODS, Method
@@ -133,6 +134,8 @@ class ReasonConfig:
         :data:`~align_jax.methods.reason_methods.REASON_METHODS`; default all).
       greedy: also run greedy CoT per agent (the ``greedy`` method).
       debate: :class:`DebateSection`.
+      econ: :class:`~align_jax.methods.econ.reason_method.EconSection`: run ECON with a policy
+        trained in simulation (method ``econ``, results ``econ/<policy>``); None = no ECON rows.
       bootstrap_samples: resamples for the 95% intervals.
       dtype: activation / KV-cache dtype (``float32`` or ``bfloat16``).
       param_dtype: weight dtype (None = ``dtype``); ``bfloat16`` with ``dtype: float32`` is
@@ -160,6 +163,7 @@ class ReasonConfig:
     methods: list[str] = dataclasses.field(default_factory=lambda: list(DEFAULT_METHODS))
     greedy: bool = True
     debate: DebateSection = dataclasses.field(default_factory=DebateSection)
+    econ: Optional[EconSection] = None
     bootstrap_samples: int = 2000
     dtype: str = "float32"
     param_dtype: Optional[str] = None

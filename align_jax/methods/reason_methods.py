@@ -111,6 +111,11 @@ class Method(Protocol):
       name: the registry name.
       section: the row field that receives :attr:`MethodOutput.section`, or None.
       stage: the stage-timer label of a method that calls models (None: negligible host work).
+
+    Optional hooks: ``prepare(config)``, called once when a run starts, before any model is
+    loaded (to check the method's own inputs, e.g. ECON's trained checkpoint); and a
+    ``config`` parameter of ``result_names`` for names that depend on the method's config
+    section (:func:`declared_result_names`).
     """
 
     name: str
@@ -300,8 +305,22 @@ from align_jax.methods.mcts.rstar import RStarDiscriminator, RStarMajority  # no
 REASON_METHODS.register("rstar", RStarMajority())
 REASON_METHODS.register("rstar_discriminator", RStarDiscriminator())
 
+from align_jax.methods.econ.reason_method import EconMethod  # noqa: E402  (ECON rows, runs with an `econ:` section)
+
+REASON_METHODS.register("econ", EconMethod())
+
 DEFAULT_METHODS = tuple(REASON_METHODS.names())
 """Every shipped method, in table order (the default of ``ReasonConfig.methods``)."""
+
+
+def declared_result_names(method: Method, agent_names: Sequence[str], config) -> list[str]:
+    """``method.result_names``; a method whose names depend on its own config section (ECON's
+    policies) declares a ``config`` parameter and receives the run's config."""
+    import inspect
+
+    if "config" in inspect.signature(method.result_names).parameters:
+        return method.result_names(agent_names, config=config)
+    return method.result_names(agent_names)
 
 
 def method_api_test(method: Method, window: Window) -> list[MethodOutput]:
@@ -314,7 +333,7 @@ def method_api_test(method: Method, window: Window) -> list[MethodOutput]:
     """
     outputs = method.run(window)
     assert len(outputs) == len(window.problems), f"{method.name}: {len(outputs)} outputs"
-    names = set(method.result_names(window.agent_names))
+    names = set(declared_result_names(method, window.agent_names, window.config))
     for q, output in enumerate(outputs):
         assert set(output.results) == names, f"{method.name}: results {sorted(output.results)} != {sorted(names)}"
         for result_name, record in output.results.items():

@@ -25,13 +25,13 @@ __all__ = [
 
 def method_names(config) -> list[str]:
     """The result names a run reports, in table order (its enabled methods' names)."""
-    from align_jax.methods.reason_methods import REASON_METHODS
+    from align_jax.methods.reason_methods import REASON_METHODS, declared_result_names
 
     names: list[str] = []
     for name in config.methods:
         method = REASON_METHODS.get(name, "methods")
         if method.enabled(config):
-            names += method.result_names(config.agent_names())
+            names += declared_result_names(method, config.agent_names(), config)
     return names
 
 

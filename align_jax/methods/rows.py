@@ -141,6 +141,18 @@ class DebateEntry:
 
 
 @dataclasses.dataclass
+class EconRecord:
+    """One ECON policy's run on a question: rounds played, the coordinator's strategy, its
+    commitment after each round, and the executors' chosen temperature / top-p per round."""
+
+    rounds: int
+    strategy: str
+    commitments: list[Optional[str]]
+    temperatures: list[list[float]]
+    top_ps: list[list[float]]
+
+
+@dataclasses.dataclass
 class ReasonRow:
     """One question's results (see the module docstring).
 
@@ -162,6 +174,7 @@ class ReasonRow:
     stage_wall_s: dict[str, float]
     math_verify_failures: Optional[int] = dataclasses.field(default=None, metadata=_OMIT_NONE)
     settings_hash: Optional[str] = dataclasses.field(default=None, metadata=_OMIT_NONE)
+    econ: Optional[dict[str, EconRecord]] = dataclasses.field(default=None, metadata=_OMIT_NONE)
 
 
 def _to_plain(value: Any) -> Any:

@@ -136,3 +136,36 @@ def test_baseline_rules_tie_breaks_are_expectations():
     assert best.correct == 0.5 and best.answer == "x"
     assert baselines.pass_at_k([[0, -1], [2]], {0: False, 2: True}) == 1.0
     assert baselines.pass_at_k([[0, -1], [2]], {0: False, 2: False}) == 0.0
+
+
+def test_greedy_rows_with_the_same_prompt_are_decoded_once(tiny_pool, tiny_checkpoint, monkeypatch):
+    """Two agents that differ only in temperature decode the same greedy text: one row each
+    question is decoded and both agents get it (and their own cost); sampled calls keep every row."""
+    import jax
+
+    from align_jax.methods.candidates import AgentSpec, sample_agents
+
+    agents = [AgentSpec("a", tiny_checkpoint, temperature=0.7, num_samples=2, max_new_tokens=6),
+              AgentSpec("b", tiny_checkpoint, temperature=1.0, num_samples=2, max_new_tokens=6)]
+    questions = ["What is 2 + 3?", "Tom has 4 apples and eats one. How many are left?"]
+    rows = []
+    original = tiny_pool.generate_chat
+
+    def counting(name, conversations, **kw):
+        rows.append(len(conversations))
+        return original(name, conversations, **kw)
+
+    monkeypatch.setattr(tiny_pool, "generate_chat", counting)
+    texts, tokens, costs = sample_agents(tiny_pool, agents, questions, jax.random.key(0), num_samples=1,
+                                         temperature_override=0.0)
+    assert rows == [2], "each question's greedy prompt should be decoded once for both agents"
+    for q in range(2):
+        assert texts[q][0] == texts[q][1] and tokens[q][0] == tokens[q][1]
+        assert costs[q][0] == costs[q][1] and costs[q][0].calls == 1
+    monkeypatch.setattr(tiny_pool, "generate_chat", original)
+    single, _, _ = sample_agents(tiny_pool, agents[:1], questions, jax.random.key(0), num_samples=1,
+                                 temperature_override=0.0)
+    assert [single[q][0] for q in range(2)] == [texts[q][0] for q in range(2)], "sharing changed the text"
+    monkeypatch.setattr(tiny_pool, "generate_chat", counting)
+    sample_agents(tiny_pool, agents, questions, jax.random.key(0))
+    assert rows[-1] == 4, "sampled rows must never be merged"

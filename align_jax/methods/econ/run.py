@@ -51,6 +51,7 @@ __all__ = [
     "seed_programs",
     "train_run",
     "eval_run",
+    "trained_policies",
     "eval_rows",
     "summarize_rows",
     "add_econ_subcommand",
@@ -283,6 +284,16 @@ def _summary_markdown(config: EconConfig, summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _finished(config: EconConfig, directory: Path) -> tuple[Checkpointer, int]:
+    """The run's checkpoints and its final step; a ConfigError when training is not finished."""
+    checkpoints = _checkpointer(config, directory)
+    step = checkpoints.latest_step()
+    if step is None or step < config.train.num_steps:
+        raise ConfigError(f"{directory / 'checkpoints'}: training is not finished (step {step or 0} of "
+                          f"{config.train.num_steps}); run `align-jax econ train` with this config first")
+    return checkpoints, step
+
+
 def eval_run(config: EconConfig, *, progress: bool = True, figures: bool = True,
              trainer: Optional[EconTrainer] = None) -> dict:
     """Evaluates the finished run of ``config`` (see the module docstring); returns the summary.
@@ -291,11 +302,7 @@ def eval_run(config: EconConfig, *, progress: bool = True, figures: bool = True,
       CheckpointError: no finished checkpoint, or one of another config / corrupt.
     """
     directory = econ_run_dir(config)
-    checkpoints = _checkpointer(config, directory)
-    step = checkpoints.latest_step()
-    if step is None or step < config.train.num_steps:
-        raise ConfigError(f"{directory / 'checkpoints'}: training is not finished (step {step or 0} of "
-                          f"{config.train.num_steps}); run `align-jax econ train` with this config first")
+    checkpoints, step = _finished(config, directory)
     files = runner.RunFiles(directory, key_field="key", settings=econ_settings_hash(config), config=config)
     keys = [f"seed{config.seed + s}/{p}" for s in range(config.run.num_seeds) for p in POLICIES]
     trainer = trainer or make_trainer(config)
@@ -316,6 +323,28 @@ def eval_run(config: EconConfig, *, progress: bool = True, figures: bool = True,
     if figures:
         _accuracy_figure(config, summary, directory / "accuracy.png")
     return summary
+
+
+def trained_policies(config: EconConfig, seed_index: int = 0):
+    """``(networks, learned params, initial params)`` of seed ``seed_index`` of the finished run.
+
+    The learned parameters are the belief networks after training; the initial ones are the
+    same networks at step 0 (the "without BNE" baseline: belief networks frozen at their
+    initial policy).
+
+    Raises:
+      ConfigError: training is not finished, or ``seed_index`` is not a seed of the run.
+      CheckpointError: the checkpoints were written by another config, or are corrupt.
+    """
+    if not 0 <= seed_index < config.run.num_seeds:
+        raise ConfigError(f"{config.name}: seed_index {seed_index} is not one of the run's "
+                          f"{config.run.num_seeds} seeds")
+    checkpoints, step = _finished(config, econ_run_dir(config))
+    trainer = make_trainer(config)
+    init, _, _ = seed_programs(trainer)
+    state = checkpoints.restore(init(seed_keys(config)), step)
+    pick = lambda tree: jax.tree.map(lambda x: x[seed_index], tree)  # noqa: E731
+    return trainer.networks, pick(state.params), pick(state.initial_params)
 
 
 def _accuracy_figure(config: EconConfig, summary: dict, path: Path) -> None:

@@ -167,3 +167,73 @@ def test_cli_killed_mid_run_resumes_to_the_same_parameters(tmp_path):
         c = dataclasses.replace(config, run=dataclasses.replace(config.run, output_dir=str(tmp_path / out)))
         states.append(_checkpointer(c, econ_run_dir(c)).restore(like))
     _assert_trees_equal(*states)
+
+
+def _econ_yaml(config, path: Path) -> Path:
+    import yaml
+
+    from align_jax.config import config_to_dict
+
+    path.write_text(yaml.safe_dump(config_to_dict(config)))
+    return path
+
+
+def test_econ_rows_in_a_reason_run_use_the_trained_networks(resumed, tiny_checkpoint, tiny_data_dir, tiny_pool,
+                                                             tmp_path):
+    """A reason config's ``econ:`` section runs ECON with the finished tiny run's belief networks
+    (``econ/learned``) and its initial networks (``econ/initial``) next to ALIGN: rows, costs,
+    the ``econ`` section and the summary; an unfinished run is refused before any model loads."""
+    from align_jax.config import ConfigError
+    from align_jax.methods import reason
+    from align_jax.methods.candidates import ModelPool
+    from align_jax.methods.econ.reason_method import EconSection
+
+    from tests.methods.conftest import tiny_config as tiny_reason_config
+
+    econ_yaml = _econ_yaml(resumed["config"], tmp_path / "econ.yaml")
+    econ = dict(config=str(econ_yaml), strategy_tokens=6, executor_tokens=8, commit_tokens=6)
+    config = tiny_reason_config(tiny_checkpoint, tiny_data_dir, tmp_path / "runs", limit=2, methods=["align", "econ"],
+                                greedy=False, debate=dict(rounds=0), econ=econ)
+    assert isinstance(config.econ, EconSection) and config.econ.policies == ["learned", "initial"]
+    report = reason.run_reason(config, progress=False, figures=False, pool=tiny_pool)
+    n, t = resumed["config"].sim.num_executors, resumed["config"].sim.max_rounds
+    for row in report.rows:
+        assert set(row["methods"]) == {"align", "econ/learned", "econ/initial"}
+        for policy in ("learned", "initial"):
+            record, cost = row["econ"][policy], row["methods"][f"econ/{policy}"]["cost"]
+            assert 1 <= record["rounds"] <= t and len(record["commitments"]) == record["rounds"]
+            assert np.asarray(record["temperatures"]).shape == (record["rounds"], n)
+            assert cost["calls"] == 1 + record["rounds"] * (n + 1) and cost["gen_tokens"] > 0
+        assert row["stage_wall_s"]["econ"] > 0
+    assert {"econ/learned", "econ/initial"} <= set(report.summary["methods"])
+    # the policies differ: the trained networks choose other temperatures than the initial ones on some round
+    chosen = {p: [r["econ"][p]["temperatures"][0] for r in report.rows] for p in ("learned", "initial")}
+    assert chosen["learned"] != chosen["initial"]
+
+    # a run that is not trained yet: refused before any model is loaded
+    unfinished = dataclasses.replace(resumed["config"], name="untrained")
+    econ["config"] = str(_econ_yaml(unfinished, tmp_path / "untrained.yaml"))
+    bad = tiny_reason_config(tiny_checkpoint, tiny_data_dir, tmp_path / "runs2", limit=2, methods=["econ"],
+                             greedy=False, debate=dict(rounds=0), econ=econ)
+    pool = ModelPool()
+    with pytest.raises(ConfigError, match="training is not finished"):
+        reason.run_reason(bad, progress=False, figures=False, pool=pool)
+    assert not pool._loaded
+
+
+@pytest.mark.parametrize("changes,pattern", [
+    (dict(policies=["learned", "oracle"]), r"econ\.policies\.1: unknown policy 'oracle'"),
+    (dict(policies=[]), r"econ\.policies: need at least one"),
+    (dict(seed_index=5), r"econ\.seed_index: the run of .* has 2 seed"),
+    (dict(executor_tokens=0), r"econ\.executor_tokens: must be >= 1"),
+    (dict(config="missing.yaml"), r"econ\.config: ECON config file not found"),
+])
+def test_bad_econ_sections_name_the_field(resumed, tiny_checkpoint, tiny_data_dir, tmp_path, changes, pattern):
+    from align_jax.config import ConfigError
+
+    from tests.methods.conftest import tiny_config as tiny_reason_config
+
+    econ = dict(config=str(_econ_yaml(resumed["config"], tmp_path / "econ.yaml")))
+    econ.update(changes)
+    with pytest.raises(ConfigError, match=pattern):
+        tiny_reason_config(tiny_checkpoint, tiny_data_dir, tmp_path, econ=econ)
