@@ -97,6 +97,11 @@ def check_ray_address(address: str, timeout: float) -> None:
             raise LaunchError(f"Ray address {address!r} does not answer: no connection to {host}:{port} within "
                               f"{timeout:g} s ({reason}); start the cluster (`ray start --head`) or fix "
                               "--ray-address") from None
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        raise LaunchError(f"Ray address {address!r}: cannot talk to it, Ray is not installed here "
+                          "(pip install -e '.[cluster]')")
     try:
         with warnings.catch_warnings():  # fork + exec of a fresh interpreter; JAX's fork warning does not apply
             warnings.filterwarnings("ignore", message="os.fork", category=RuntimeWarning)

@@ -5,6 +5,7 @@ shard resumes; merges that cannot be made are refused by name, before any model 
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import json
 from pathlib import Path
 
@@ -305,7 +306,9 @@ def tiny_yaml(tiny_checkpoint, tiny_data_dir, tmp_path, monkeypatch):  # noqa: F
     ("ray://127.0.0.1:1", 5.0, r"no connection to 127\.0\.0\.1:1"),
     # TEST-NET-2 (RFC 5737): no Ray there; this sandbox's proxy accepts any TCP connection, so the
     # child-process probe's timeout is what ends the wait
-    ("198.51.100.1:6379", 2.0, r"(no connection to|no Ray cluster replied within 2 s)"),
+    pytest.param("198.51.100.1:6379", 2.0, r"(no connection to|no Ray cluster replied within 2 s)",
+                 marks=pytest.mark.skipif(importlib.util.find_spec("ray") is None,
+                                          reason="the Ray-level probe needs Ray (the `cluster` extra)")),
 ])
 def test_launch_fails_fast_on_a_ray_address_that_does_not_answer(tiny_yaml, address, timeout, reason, capsys):
     import time
@@ -347,3 +350,19 @@ def test_launch_bad_config_is_reported_before_ray(tmp_path, capsys):
     assert main(["launch", "--shards", "2", "--ray-address", "127.0.0.1:1", "reason", str(path)]) == 2
     err = capsys.readouterr().err
     assert "bad.yaml:2: agents: the agents list is empty" in err and "Ray address" not in err
+
+
+def test_launch_without_ray_installed_says_so(tiny_yaml, monkeypatch):
+    """A port that accepts connections but a machine without Ray: the error names the missing extra."""
+    import socket
+
+    from align_jax.cluster import LaunchError, launch
+
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real_find_spec(name, *a))
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        with pytest.raises(LaunchError, match=rf"Ray address '{address}': cannot talk to it, Ray is not installed"):
+            launch(["reason", tiny_yaml], shards=2, address=address, connect_timeout=5.0)

@@ -240,6 +240,8 @@ def test_every_registered_method_passes_the_conformance_test(tiny_checkpoint, ti
     window = _window(config, tiny_pool)
     assert set(REASON_METHODS.names()) >= {"align", "best_of_n", "self_consistency", "greedy", "debate", "pass@k"}
     for name in REASON_METHODS.names():
+        if name == "econ":  # needs a trained ECON run: its conformance test is in tests/methods/econ/test_run.py
+            continue
         method_api_test(REASON_METHODS.get(name), window)
 
 

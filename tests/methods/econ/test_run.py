@@ -209,6 +209,12 @@ def test_econ_rows_in_a_reason_run_use_the_trained_networks(resumed, tiny_checkp
     # the policies differ: the trained networks choose other temperatures than the initial ones on some round
     chosen = {p: [r["econ"][p]["temperatures"][0] for r in report.rows] for p in ("learned", "initial")}
     assert chosen["learned"] != chosen["initial"]
+    # the method passes the shared conformance test on a window of this config
+    from align_jax.methods.reason_methods import REASON_METHODS, method_api_test
+
+    from tests.methods.test_reason import _window
+
+    method_api_test(REASON_METHODS.get("econ"), _window(config, tiny_pool))
 
     # a run that is not trained yet: refused before any model is loaded
     unfinished = dataclasses.replace(resumed["config"], name="untrained")
