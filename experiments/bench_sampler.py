@@ -196,20 +196,24 @@ def torch_model_from_ours(loaded):
     return model.eval().float()
 
 
+def timed_prefill_decode(sampler: Sampler, batch, spec, key) -> tuple:
+    """``(prefill s, decode s, DecodeResult)`` of one prepared batch, each stage blocked on."""
+    t0 = time.perf_counter()
+    cache, logits = sampler.prefill(batch)
+    jax.block_until_ready(logits)
+    t1 = time.perf_counter()
+    result = sampler.decode(batch, cache, logits, key, spec=spec)
+    jax.block_until_ready(result.tokens)
+    return t1 - t0, time.perf_counter() - t1, result
+
+
 def bench_ours(sampler: Sampler, prompt_ids, new_tokens: int, reps: int) -> dict:
     batch = sampler.prepare(prompt_ids, max_new_tokens=new_tokens, temperature=0.0)
     spec = sampler.make_spec(batch, ignore_eos=True)
     key = jax.random.key(0)
 
     def run():
-        t0 = time.perf_counter()
-        cache, logits = sampler.prefill(batch)
-        jax.block_until_ready(logits)
-        t1 = time.perf_counter()
-        result = sampler.decode(batch, cache, logits, key, spec=spec)
-        jax.block_until_ready(result.tokens)
-        t2 = time.perf_counter()
-        return t1 - t0, t2 - t1, result
+        return timed_prefill_decode(sampler, batch, spec, key)
 
     first_prefill, first_decode, _ = run()
     prefill_s, decode_s = [], []

@@ -30,7 +30,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +49,9 @@ def child(devices: int, mesh: bool, rows: int, new_tokens: int, reps: int) -> di
     from align_jax.llm.model import ModelConfig, Transformer
     from align_jax.llm.sampler import Sampler
 
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from bench_sampler import timed_prefill_decode
+
     assert len(jax.devices()) == devices, jax.devices()
     config = ModelConfig(**MODEL)
     model = Transformer(config, rngs=nnx.Rngs(0))
@@ -61,13 +63,7 @@ def child(devices: int, mesh: bool, rows: int, new_tokens: int, reps: int) -> di
     key = jax.random.key(0)
 
     def run():
-        t0 = time.perf_counter()
-        cache, logits = sampler.prefill(batch)
-        jax.block_until_ready(logits)
-        t1 = time.perf_counter()
-        result = sampler.decode(batch, cache, logits, key, spec=spec)
-        jax.block_until_ready(result.tokens)
-        return t1 - t0, time.perf_counter() - t1, result
+        return timed_prefill_decode(sampler, batch, spec, key)
 
     first_prefill, first_decode, _ = run()
     timings = [run() for _ in range(reps)]
