@@ -323,7 +323,7 @@ def decode_compacting(graphdef, state, cache, first_logits, prompt_lengths, key,
 
     static = dict(spec=spec, num_samples=num_samples)
     carry = decode(graphdef, state, cache, first_logits, prompt_lengths, key, temperature, top_p, None, None,
-                   None, None, stop_below=max(half(rows), 1) if half(rows) else 0, **static)
+                   None, None, stop_below=half(rows), **static)
     if not half(rows):  # too few rows to compact: a plain decode
         host = jax.device_get(carry)
         return host._replace(processor_state=None, cache=None)
