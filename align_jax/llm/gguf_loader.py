@@ -340,18 +340,21 @@ def _unpack(tensor, path):
 
 
 def load_gguf(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None,
-              quantized: bool = False) -> LoadedModel:
+              quantized: bool = False, mesh=None) -> LoadedModel:
     """Load a ``.gguf`` file: weights, config and tokenizer from its metadata.
 
     By default every tensor is dequantized to float (``param_dtype``). With ``quantized``
     the block-quantized weight matrices stay quantized (int8 codes + per-block scales,
     :mod:`align_jax.llm.quant`): the same weight values in a quarter of the memory, and
     decoding on the CPU streams a quarter of the bytes.
+
+    ``mesh``: place every weight straight into its shards on this device mesh (dense models
+    only; :func:`~align_jax.llm.params.model_from_arrays`).
     """
     path = pathlib.Path(path).expanduser()
     arrays, names, config, tokenizer = _convert_gguf(path, dtype, quantized)
     config = config.replace(param_dtype=param_dtype)
-    model = model_from_arrays(config, arrays, str(path), names)
+    model = model_from_arrays(config, arrays, str(path), names, mesh=mesh)
     return LoadedModel(config, model, tokenizer, str(path))
 
 

@@ -266,15 +266,25 @@ def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
 
 
 def load_hf_dir(path: str | os.PathLike, *, dtype: str = "float32", param_dtype: str | None = None,
-                quantized: bool = False) -> LoadedModel:
+                quantized: bool = False, mesh=None) -> LoadedModel:
     """Load a Hugging Face model directory: ``config.json``, ``*.safetensors``, tokenizer files.
 
     ``quantized``: quantize the weight matrices to Q8_0 (:func:`quantize_arrays`).
+    ``mesh``: place every weight straight into its shards on this device mesh
+    (:func:`~align_jax.llm.params.model_from_arrays`; the mesh is checked against the config
+    before any tensor is read).
     """
     from safetensors import safe_open
 
     path = pathlib.Path(path).expanduser()
     config = read_hf_config(path, dtype).replace(param_dtype=param_dtype)
+    if mesh is not None:  # before any tensor is read
+        from align_jax.llm.sharding import check_mesh
+
+        if quantized:
+            raise ValueError(f"{path}: a mesh needs a dense model (quantized weights are not sharded); "
+                             "load with quantized=False")
+        check_mesh(mesh, config)
     files = _weight_files(path)
     arrays: dict[str, np.ndarray] = {}
     names: dict[str, str] = {}
@@ -306,7 +316,7 @@ def load_hf_dir(path: str | os.PathLike, *, dtype: str = "float32", param_dtype:
     _check_finite(arrays, str(path), names)
     if quantized:
         arrays, config = quantize_arrays(arrays, config, str(path), names)
-    model = model_from_arrays(config, arrays, str(path), names)
+    model = model_from_arrays(config, arrays, str(path), names, mesh=mesh)
     try:
         tokenizer = ChatTokenizer.from_hf_dir(path)
     except TokenizerError as err:

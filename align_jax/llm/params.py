@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -72,13 +73,39 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {_flat_path(path): tuple(var.get_value().shape) for path, var in nnx.to_flat_state(state)}
 
 
+def _placer(config: ModelConfig, mesh):
+    """``place(flat name, host array, dtype) -> jax.Array``: on the default device, or straight into
+    the parameter's shards on ``mesh`` (checked against ``config``)."""
+    if mesh is None:
+        return lambda key, value, dtype: jnp.asarray(value, dtype=dtype)
+    from jax.sharding import NamedSharding
+
+    from align_jax.llm import sharding
+
+    mesh = sharding.check_mesh(mesh, config)
+
+    def place(key: str, value: np.ndarray, dtype) -> jax.Array:
+        host = np.asarray(value, dtype=dtype)
+        return jax.device_put(host, NamedSharding(mesh, sharding.param_spec(key, host.shape, mesh)))
+
+    return place
+
+
 def model_from_arrays(
     config: ModelConfig,
     arrays: dict[str, np.ndarray],
     source: str,
     names: dict[str, str] | None = None,
+    *,
+    mesh=None,
 ) -> Transformer:
     """Build a :class:`Transformer` from ``{flat parameter name: array}`` without random init.
+
+    With ``mesh`` (a ``jax.sharding.Mesh`` with axes ``"data"`` and ``"model"``,
+    :func:`~align_jax.llm.sharding.make_mesh`) every parameter goes from host memory straight to
+    its shards (:func:`~align_jax.llm.sharding.param_spec`): a device receives only its slice of a
+    tensor-parallel weight, and no device ever holds a whole model that is split over the model
+    axis. The mesh is checked against ``config`` first (:func:`~align_jax.llm.sharding.check_mesh`).
 
     Args:
       config: the model shape; arrays are cast to ``config.param_dtype`` (else ``config.dtype``),
@@ -87,11 +114,14 @@ def model_from_arrays(
         ``...q_proj.codes`` / ``.scale`` / ``.offset`` for the modules ``config.quantized`` lists).
       source: file/dir named in error messages.
       names: optional ``{flat name: name in the source file}`` for error messages.
+      mesh: optional device mesh the weights are placed on (None: the default device).
 
     Raises:
       WeightsError: a parameter is missing, has the wrong shape, or is not finite.
+      ValueError / TypeError: ``mesh`` does not fit ``config`` (:func:`~align_jax.llm.sharding.check_mesh`).
     """
     names = names or {}
+    place = _placer(config, mesh)
     graphdef, state = _abstract_model(config)
     new_flat = []
     for path, var in nnx.to_flat_state(state):
@@ -106,7 +136,7 @@ def model_from_arrays(
             raise WeightsError(
                 f"{source}: tensor {shown!r} has shape {tuple(value.shape)}, expected {want} for parameter {key}"
             )
-        new_flat.append((path, var.replace(jnp.asarray(value, dtype=dtype))))
+        new_flat.append((path, var.replace(place(key, value, dtype))))
     extra = sorted(set(arrays) - {_flat_path(p) for p, _ in nnx.to_flat_state(state)})
     if extra:
         raise WeightsError(f"{source}: unexpected tensors {[names.get(k, k) for k in extra][:8]}")

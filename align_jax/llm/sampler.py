@@ -240,6 +240,12 @@ class Sampler:
         if not isinstance(model, nnx.Module) or not hasattr(model, "config"):
             raise TypeError(f"Sampler needs a LoadedModel or a Transformer, got {type(model).__name__}")
         self.config: model_lib.ModelConfig = model.config
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if pad is not None and not 0 <= int(pad) < self.config.vocab_size:
+            # prompts are left-padded with this id: outside the embedding table it reads NaN
+            raise ValueError(f"the tokenizer's pad_token_id={pad} is outside the model's vocabulary "
+                             f"[0, {self.config.vocab_size}) (ModelConfig.vocab_size): the tokenizer does "
+                             f"not belong to this model")
         self.mesh = None if mesh is None else sharding.check_mesh(mesh, self.config)
         self.tokenizer = tokenizer
         self.graphdef, self.state = nnx.split(model)

@@ -144,12 +144,13 @@ def is_checkpoint_dir(path: str | os.PathLike) -> bool:
 
 
 def load_checkpoint(directory: str | os.PathLike, *, dtype: str | None = None,
-                    param_dtype: str | None = None, quantized: bool = False) -> LoadedModel:
+                    param_dtype: str | None = None, quantized: bool = False, mesh=None) -> LoadedModel:
     """Load a checkpoint written by :func:`save_checkpoint`; ``dtype`` / ``param_dtype``
     override the stored ones (``dtype`` alone resets ``param_dtype`` to follow it).
 
     A quantized checkpoint loads quantized. ``quantized=True`` on a dense one quantizes its
-    weight matrices to Q8_0 (:func:`quantize_arrays`)."""
+    weight matrices to Q8_0 (:func:`quantize_arrays`). ``mesh``: place every weight straight
+    into its shards on this device mesh (dense models only; :func:`model_from_arrays`)."""
     from safetensors.numpy import load_file
 
     directory = pathlib.Path(directory).expanduser()
@@ -182,7 +183,7 @@ def load_checkpoint(directory: str | os.PathLike, *, dtype: str | None = None,
         raise WeightsError(f"{weights_file}: cannot read safetensors file: {err}") from err
     if quantized and not config.quantized:
         arrays, config = quantize_arrays(arrays, config, str(weights_file))
-    model = model_from_arrays(config, arrays, str(weights_file))
+    model = model_from_arrays(config, arrays, str(weights_file), mesh=mesh)
     try:
         tokenizer = ChatTokenizer.load(directory)
     except TokenizerError as err:
@@ -198,7 +199,7 @@ def _cached_checkpoint_dir(name: str, cache_dir, quantized: bool = False) -> pat
 
 
 def load_pretrained(name_or_path: str, *, dtype: str = "float32", param_dtype: str | None = None,
-                    quantized: bool = False, cache_dir: str | None = None) -> LoadedModel:
+                    quantized: bool = False, cache_dir: str | None = None, mesh=None) -> LoadedModel:
     """Load a model by short name, ``.gguf`` file, Hugging Face dir or our checkpoint dir.
 
     Short names (``registry.MODELS``) are converted from their GGUF once and cached as
@@ -216,6 +217,10 @@ def load_pretrained(name_or_path: str, *, dtype: str = "float32", param_dtype: s
     dense checkpoint directories) are quantized to Q8_0 instead, which changes the weights
     by at most half a quantization step.
 
+    ``mesh`` (a ``jax.sharding.Mesh`` with axes ``"data"`` and ``"model"``): every weight goes
+    from host memory straight into its shards (tensor-parallel weights are never whole on one
+    device); dense models only. Hand the same mesh to :class:`~align_jax.llm.sampler.Sampler`.
+
     Raises:
       WeightsError: any problem with the files (named in the message).
       registry.ModelPackageError: a short name's package is not installed (the message
@@ -227,6 +232,9 @@ def load_pretrained(name_or_path: str, *, dtype: str = "float32", param_dtype: s
         raise WeightsError(f"load_pretrained: param_dtype={param_dtype!r} is not supported; "
                            "use None, 'float32' or 'bfloat16'")
     quantized = bool(quantized)
+    if mesh is not None and quantized:
+        raise ValueError(f"load_pretrained({name_or_path!r}): a mesh needs a dense model (quantized weights "
+                         "are not sharded); load with quantized=False")
     if registry.is_registered(name_or_path):
         target = _cached_checkpoint_dir(name_or_path, cache_dir, quantized)
         if not is_checkpoint_dir(target):
@@ -235,19 +243,19 @@ def load_pretrained(name_or_path: str, *, dtype: str = "float32", param_dtype: s
             model = model_from_arrays(config, arrays, str(gguf_path), names)
             del arrays
             save_checkpoint(target, model, tokenizer, source=str(gguf_path))
-            if dtype == "float32" and param_dtype in (None, "float32"):
+            if dtype == "float32" and param_dtype in (None, "float32") and mesh is None:
                 return LoadedModel(config, model, tokenizer, str(target))
             del model
-        return load_checkpoint(target, dtype=dtype, param_dtype=param_dtype)
+        return load_checkpoint(target, dtype=dtype, param_dtype=param_dtype, mesh=mesh)
     path = pathlib.Path(name_or_path).expanduser()
     if path.is_file():
         if path.suffix != ".gguf":
             raise WeightsError(f"{path}: expected a .gguf file, a model directory or one of {sorted(registry.MODELS)}")
-        return load_gguf(path, dtype=dtype, param_dtype=param_dtype, quantized=quantized)
+        return load_gguf(path, dtype=dtype, param_dtype=param_dtype, quantized=quantized, mesh=mesh)
     if path.is_dir():
         if is_checkpoint_dir(path):
-            return load_checkpoint(path, dtype=dtype, param_dtype=param_dtype, quantized=quantized)
-        return load_hf_dir(path, dtype=dtype, param_dtype=param_dtype, quantized=quantized)
+            return load_checkpoint(path, dtype=dtype, param_dtype=param_dtype, quantized=quantized, mesh=mesh)
+        return load_hf_dir(path, dtype=dtype, param_dtype=param_dtype, quantized=quantized, mesh=mesh)
     raise WeightsError(
         f"{name_or_path!r} is neither a known model name ({', '.join(sorted(registry.MODELS))}) "
         "nor an existing .gguf file or model directory"

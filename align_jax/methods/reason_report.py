@@ -20,6 +20,7 @@ __all__ = [
     "summary_markdown",
     "print_summary",
     "accuracy_figure",
+    "comparison_markdown",
 ]
 
 
@@ -179,3 +180,66 @@ def accuracy_figure(config, summary: dict, path: Path) -> Path:
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path
+
+
+def comparison_markdown(studies: Sequence[tuple[str, dict, dict]],
+                        methods: Sequence[str] | None = None) -> str:
+    """Several finished runs side by side (one column per run): accuracy [95% CI] per method,
+    ALIGN's paired differences, and cost per question.
+
+    Args:
+      studies: ``(label, summary, config)`` per run: a :func:`summarize` dict (``summary.json``) and
+        the run's config as a dict (``config.json``; its ``principal.type`` and agents' K label the
+        column).
+      methods: the rows, in order (default: every method of the first run, then the others' new ones).
+
+    Returns:
+      markdown: the accuracy table (a method a run does not report shows ``-``), then one row per
+      paired difference ``align - X``, then questions, principal, K, generated tokens and wall seconds
+      per question.
+
+    Raises:
+      ValueError: no studies, or a summary without questions or methods.
+    """
+    if not studies:
+        raise ValueError("comparison_markdown needs at least one (label, summary, config)")
+    for label, summary, _ in studies:
+        if not summary.get("questions") or not summary.get("methods"):
+            raise ValueError(f"run {label!r} has no summarized questions (summary keys: {sorted(summary)})")
+    if methods is None:
+        methods = []
+        for _, summary, _ in studies:
+            methods += [m for m in summary["methods"] if m not in methods]
+
+    def cell(entry: dict | None, signed: bool = False) -> str:
+        if entry is None:
+            return "-"
+        value = entry.get("accuracy", entry.get("mean"))
+        fmt = "{:+.3f}" if signed else "{:.3f}"
+        return f"{fmt.format(value)} [{fmt.format(entry['ci_low'])}, {fmt.format(entry['ci_high'])}]"
+
+    header = "| | " + " | ".join(label for label, _, _ in studies) + " |"
+    rule = "|---|" + "---|" * len(studies)
+    lines = [header, rule]
+    for m in methods:
+        lines.append(f"| {m} | " + " | ".join(cell(s["methods"].get(m)) for _, s, _ in studies) + " |")
+    differences: list[str] = []
+    for _, summary, _ in studies:
+        differences += [d for d in summary.get("differences", {}) if d not in differences]
+    for d in differences:
+        lines.append(f"| {d} | " + " | ".join(cell(s.get("differences", {}).get(d), True)
+                                              for _, s, _ in studies) + " |")
+
+    def info(summary: dict, config: dict) -> dict:
+        agents = config.get("agents") or []
+        align = summary["methods"].get("align", {})
+        return {"questions": str(summary["questions"]),
+                "principal": str((config.get("principal") or {}).get("type", "?")),
+                "K per agent": "/".join(str(a.get("num_samples", "?")) for a in agents) or "?",
+                "ALIGN generated tokens / q": f"{align['gen_tokens_per_question']:.0f}" if align else "-",
+                "wall s / q": f"{summary['wall_s_per_question']:.1f}" if "wall_s_per_question" in summary else "-"}
+
+    infos = [info(s, c) for _, s, c in studies]
+    for key in infos[0]:
+        lines.append(f"| *{key}* | " + " | ".join(i[key] for i in infos) + " |")
+    return "\n".join(lines) + "\n"

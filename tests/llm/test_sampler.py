@@ -319,6 +319,19 @@ def test_stop_strings_and_text_with_a_tokenizer(model):
         assert out.text[b][0] == (full[: full.find(stop)] if stop in full else full)
 
 
+def test_a_tokenizer_whose_pad_id_is_outside_the_vocabulary_is_refused(model):
+    """Prompts are left-padded with the tokenizer's pad id; an id past the embedding table reads NaN
+    and every row would decode garbage, so the mismatch is an error at construction."""
+    tok = char_tokenizer()
+
+    class Wider:
+        pad_token_id = VOCAB + 3
+        eos_token_ids = tok.eos_token_ids
+
+    with pytest.raises(ValueError, match=rf"pad_token_id={VOCAB + 3} is outside .*\[0, {VOCAB}\)"):
+        Sampler(model, Wider())
+
+
 # --------------------------------------------------------------------------- processor hook
 
 

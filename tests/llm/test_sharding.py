@@ -119,6 +119,29 @@ _CHECKS = textwrap.dedent("""
         ("lm_head", smp.state["lm_head"]["kernel"][...]),
         ("norm", smp.state["norm"]["scale"][...])]}
 
+    # weights loaded straight onto the mesh: each device gets only its slice of a split weight
+    import tempfile
+    from align_jax.llm.weights import load_checkpoint, load_pretrained, save_checkpoint
+    from tests.llm.conftest import make_tiny_tokenizer
+    qwen96 = model(config("qwen2", vocab_size=96), seed=2)  # the tiny tokenizer's 96 ids
+    ckpt = os.path.join(tempfile.mkdtemp(), "tiny-qwen2")
+    save_checkpoint(ckpt, qwen96, make_tiny_tokenizer(), source="random init (test_sharding)")
+    mesh42 = sharding.make_mesh(4, 2)
+    loaded = load_pretrained(ckpt, mesh=mesh42)
+    graphdef, lstate = nnx.split(loaded.model)
+    flat = jax.tree_util.tree_leaves_with_path(lstate)
+    want = sharding.param_shardings(lstate, mesh42)
+    report["loaded_specs_match"] = all(
+        x.sharding.is_equivalent_to(w, x.ndim) for (_, x), w in zip(flat, jax.tree_util.tree_leaves(want)))
+    q = loaded.model.layers[0].self_attn.q_proj.kernel[...]
+    report["loaded_q_shards"] = sorted({tuple(s.data.shape) for s in q.addressable_shards})
+    report["loaded_q_shape"] = list(q.shape)
+    report["loaded_devices"] = len(q.sharding.device_set)
+    ref = Sampler(qwen96).generate(prompts, **greedy)
+    out = Sampler(loaded, mesh=mesh42).generate(prompts, **greedy)
+    report["loaded_tokens_equal"] = bool(np.array_equal(out.tokens, ref.tokens))
+    report["loaded_logprob_err"] = float(np.abs(out.logprobs - ref.logprobs).max())
+
     # bad input: every error before any weight is sharded
     moved = []
     original = sharding.shard_params
@@ -135,6 +158,8 @@ _CHECKS = textwrap.dedent("""
         "quantized": lambda: sharding.check_mesh(sharding.make_mesh(2, 1), config(
             "qwen2", quantized=(("layers.0.mlp.up_proj", 32, False),))),
         "not_a_mesh": lambda: Sampler(qwen, mesh="data=8"),
+        "load_kv_heads": lambda: load_checkpoint(ckpt, mesh=sharding.make_mesh(1, 8)),
+        "load_quantized": lambda: load_pretrained(ckpt, quantized=True, mesh=mesh42),
     }
     errors = {}
     for name, call in bad.items():
@@ -218,6 +243,8 @@ def test_weights_are_split_megatron_style(report):
     ("score_kv_heads", ["'model'", "size 8", "num_kv_heads=4"]),
     ("quantized", ["quantized", "layers.0.mlp.up_proj"]),
     ("not_a_mesh", ["TypeError", "jax.sharding.Mesh"]),
+    ("load_kv_heads", ["'model'", "size 8", "ModelConfig.num_kv_heads=4"]),
+    ("load_quantized", ["a mesh needs a dense model", "quantized=False"]),
     ("native", ["ALIGN_JAX_NATIVE_KERNELS=0"]),
 ])
 def test_bad_mesh_is_a_clear_error_before_weights_move(report, case, words):
@@ -226,3 +253,14 @@ def test_bad_mesh_is_a_clear_error_before_weights_move(report, case, words):
     for word in words:
         assert word in message, (case, message)
     assert report["weights_moved"] == 0
+
+
+def test_weights_load_straight_into_their_shards(report):
+    """load_pretrained(mesh=): every weight carries its parameter's sharding, a column-parallel
+    kernel is split in two on the model axis (no device holds it whole), and the sampler on the
+    loaded model equals one device."""
+    assert report["loaded_specs_match"]
+    rows, cols = report["loaded_q_shape"]
+    assert report["loaded_q_shards"] == [[rows, cols // 2]]
+    assert report["loaded_devices"] == 8
+    assert report["loaded_tokens_equal"] and report["loaded_logprob_err"] < 1e-5

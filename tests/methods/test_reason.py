@@ -353,3 +353,63 @@ def test_undecided_math_verify_checks_are_counted_in_rows_and_summary(tiny_check
     assert [row["math_verify_failures"] for row in report.rows] == [1, 1]
     assert report.summary["math_verify_failures"] == 2
     assert "math-verify could not decide 2 correctness checks" in (report.directory / "summary.md").read_text()
+
+
+@pytest.mark.parametrize("name,dataset", [("reason_gsmhard_50.yaml", "gsm-hard"), ("reason_math500_50.yaml", "math500")])
+def test_the_dataset_study_configs_load_with_the_pot_principal(name, dataset):
+    from align_jax.data.datasets import DatasetError, resolve_data_dir
+
+    try:
+        resolve_data_dir(None)
+    except DatasetError:
+        pytest.skip("needs the data directory ($ALIGN_JAX_DATA_DIR)")
+    config = reason.load_reason_config(REPO / "configs" / name)
+    assert config.dataset == dataset and config.limit == 50 and config.principal.type == "pot"
+    assert len(config.agents) == 3 and config.output_dir == "docs/results"
+
+
+def _summary(methods, differences=None, questions=10):
+    return {"questions": questions, "wall_s_per_question": 12.5,
+            "methods": {m: {"accuracy": a, "ci_low": a - 0.1, "ci_high": a + 0.1, "gen_tokens_per_question": 100.0,
+                            "calls_per_question": 1.0, "total_tokens_per_question": 200.0}
+                        for m, a in methods.items()},
+            "differences": differences or {}}
+
+
+def test_comparison_markdown_puts_runs_side_by_side_and_marks_missing_methods():
+    from align_jax.methods.reason_report import comparison_markdown
+
+    config = {"principal": {"type": "pot"}, "agents": [{"num_samples": 8}, {"num_samples": 4}]}
+    a = _summary({"align": 0.5, "sc_pooled": 0.25},
+                 {"align - sc_pooled": {"mean": 0.25, "ci_low": 0.05, "ci_high": 0.45}})
+    b = _summary({"align": 0.125, "econ/learned": 0.375}, questions=7)
+    text = comparison_markdown([("A", a, config), ("B", b, config)])
+    lines = text.splitlines()
+    assert lines[0] == "| | A | B |"
+    assert "| align | 0.500 [0.400, 0.600] | 0.125 [0.025, 0.225] |" in lines
+    assert "| sc_pooled | 0.250 [0.150, 0.350] | - |" in lines        # B does not report it
+    assert "| econ/learned | - | 0.375 [0.275, 0.475] |" in lines
+    assert "| align - sc_pooled | +0.250 [+0.050, +0.450] | - |" in lines
+    assert "| *questions* | 10 | 7 |" in lines and "| *K per agent* | 8/4 | 8/4 |" in lines
+    assert [line.split(" | ")[0] for line in lines[2:5]] == ["| align", "| sc_pooled", "| econ/learned"]
+    with pytest.raises(ValueError, match="'B' has no summarized questions"):
+        comparison_markdown([("A", a, config), ("B", {"questions": 0, "methods": {}}, config)])
+
+
+@pytest.mark.skipif(not (COMMITTED_DIR / "summary.json").is_file(), reason="no committed study in this checkout")
+def test_the_dataset_table_script_reads_the_committed_studies(tmp_path):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("reason_datasets", REPO / "experiments" / "reason_datasets.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    out = tmp_path / "table.md"
+    assert script.main(["--out", str(out)]) == 0
+    text = out.read_text()
+    committed = json.loads((COMMITTED_DIR / "summary.json").read_text())
+    align = committed["methods"]["align"]
+    assert f"| align | {align['accuracy']:.3f} [{align['ci_low']:.3f}, {align['ci_high']:.3f}]" in text
+    if (REPO / "docs" / "results" / "pot_principal" / "summary.json").is_file():
+        assert "GSM8K, pot (replay)" in text and "| *principal pairwise accuracy* | 0.489 | 0.716" in text
+    rows = [line for line in text.splitlines() if line.startswith("| ")]
+    assert rows[1].startswith("| align |") and rows[2].startswith("| best_of_n |")
