@@ -398,11 +398,7 @@ def test_comparison_markdown_puts_runs_side_by_side_and_marks_missing_methods():
 
 @pytest.mark.skipif(not (COMMITTED_DIR / "summary.json").is_file(), reason="no committed study in this checkout")
 def test_the_dataset_table_script_reads_the_committed_studies(tmp_path):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("reason_datasets", REPO / "experiments" / "reason_datasets.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    script = _script("reason_datasets")
     out = tmp_path / "table.md"
     assert script.main(["--out", str(out)]) == 0
     text = out.read_text()
@@ -413,3 +409,37 @@ def test_the_dataset_table_script_reads_the_committed_studies(tmp_path):
         assert "GSM8K, pot (replay)" in text and "| *principal pairwise accuracy* | 0.489 | 0.716" in text
     rows = [line for line in text.splitlines() if line.startswith("| ")]
     assert rows[1].startswith("| align |") and rows[2].startswith("| best_of_n |")
+
+
+def _script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, REPO / "experiments" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_cost_accounting_counts_each_stage_once_by_hand():
+    """The accounting's FLOPs for a two-agent row equal a hand count: shared prompts prefilled once per
+    agent, agents sharing a greedy prompt decoded once, debate round 0 not recounted."""
+    acc = _script("reason_cost_accounting")
+    m = {"layers": 2, "heads": 2, "head_dim": 4, "hidden": 8, "vocab": 10, "body": 1000, "head": 80}
+    attn = 4 * 2 * 2 * 4  # 4 L H hd per context position
+    config = {"agents": [{"model": "x", "prompt_style": "zero_shot_cot"}, {"model": "x", "prompt_style": "zero_shot_cot"}]}
+    row = {
+        "agents": [{"name": "a", "cost": {"prompt_tokens": 10}, "samples": [{"tokens": 4}, {"tokens": 6}]},
+                   {"name": "b", "cost": {"prompt_tokens": 10}, "samples": [{"tokens": 2}]}],
+        "principal": {"cost": {"calls": 2, "prompt_tokens": 40, "gen_tokens": 0}},
+        "methods": {"greedy/a": {"cost": {"prompt_tokens": 10, "gen_tokens": 3}},
+                    "greedy/b": {"cost": {"prompt_tokens": 10, "gen_tokens": 3}},
+                    "debate": {"cost": {"calls": 4, "prompt_tokens": 20 + 60, "gen_tokens": 4 + 2 + 8}}},
+    }
+    work = acc.stage_work(row, config, m)
+    prefill = lambda n, length: n * (2 * 1000 + attn * length / 2)  # noqa: E731
+    decode = lambda n, ctx: n * (2 * 1080 + attn * ctx)  # noqa: E731
+    assert work["sampling"][:2] == (20, 12)
+    assert work["sampling"][2] == pytest.approx(2 * prefill(10, 10) + decode(4, 12) + decode(6, 13) + decode(2, 11))
+    assert work["principal"][2] == pytest.approx(prefill(40, 20) + 2 * 2 * 80)
+    assert work["greedy"] == pytest.approx((10, 3, prefill(10, 10) + decode(3, 11.5)))  # one decode for both
+    assert work["debate"] == pytest.approx((60, 8, prefill(60, 30) + decode(8, 32)))  # 2 turns after round 0
