@@ -2,8 +2,8 @@
 
 :class:`~align_jax.llm.sampler.Sampler` runs it after :func:`~align_jax.llm.decoding.prefill_cache`
 (the cache is donated and updated in place). Step t draws token t of every row with the
-key ``fold_in(fold_in(fold_in(key, b), k), t)``, so sample k of prompt b does not depend
-on K or on the other prompts; the loop stops as soon as every row has finished (EOS id,
+key ``fold_in(fold_in(fold_in(key, b), k), t)`` (or ``fold_in(fold_in(key[b], k), t)`` with one key
+per prompt), so sample k of prompt b does not depend on K or on the other prompts; the loop stops as soon as every row has finished (EOS id,
 on-device stop-token sequence, or T tokens). A logits processor sees a
 :class:`SamplerStepState` each step and may thread its own state (``user``) through the
 loop. The static settings are a hashable :class:`DecodeSpec` (one compiled program per
@@ -150,7 +150,8 @@ def _decode_impl(graphdef, state, cache, first_logits, prompt_lengths, key, temp
       cache: the KVCache of :func:`~align_jax.llm.decoding.prefill_cache` (donated).
       first_logits: f32 ``[R, V]`` logits after each row's last prompt token.
       prompt_lengths: int32 ``[R]`` real prompt length of each row.
-      key: the PRNG key of the call; temperature, top_p: f32 ``[R]``.
+      key: the PRNG key of the call, or typed keys ``[B]``, one per prompt (prompt b's key is
+        then ``key[b]`` instead of ``fold_in(key, b)``); temperature, top_p: f32 ``[R]``.
       processor_state, processor_params: the logits processor's user and constant pytrees.
       row_active: optional bool ``[R]``; False marks a padding row (added so that a mesh's
         data axis divides R), finished before the first step (no tokens, length 0).
@@ -175,9 +176,12 @@ def _decode_impl(graphdef, state, cache, first_logits, prompt_lengths, key, temp
     kv_mask = left_pad_mask(prompt_lengths, bucket, num_slots)
     if row_ids is None:
         row_ids = jnp.arange(rows, dtype=jnp.int32)
-    row_keys = jax.vmap(
-        lambda r: jax.random.fold_in(jax.random.fold_in(key, r // num_samples), r % num_samples)
-    )(row_ids)
+    if not (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1):  # one key: prompt b's is fold_in(key, b)
+        row_keys = jax.vmap(
+            lambda r: jax.random.fold_in(jax.random.fold_in(key, r // num_samples), r % num_samples)
+        )(row_ids)
+    else:  # one key per prompt ([B] typed keys): the prompt's key is its own
+        row_keys = jax.vmap(lambda r: jax.random.fold_in(key[r // num_samples], r % num_samples))(row_ids)
     eos = jnp.asarray(spec.eos_token_ids, jnp.int32) if spec.eos_token_ids else None
     rows_of = lambda x: sharding.constrain_rows(x, mesh)  # noqa: E731
 

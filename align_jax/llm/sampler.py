@@ -186,17 +186,29 @@ def _per_row(name: str, value, batch: int, num_samples: int) -> np.ndarray:
     return out.astype(np.float32)
 
 
-def _check_key(key) -> jax.Array:
+def _check_key(key, num_prompts: int | None = None) -> jax.Array:
+    """A single key, or (with ``num_prompts``) typed keys ``[num_prompts]``, one per prompt."""
     if key is None:
         raise ValueError("key is required: pass jax.random.key(seed) (sampling is explicit and reproducible)")
     key = jnp.asarray(key) if not isinstance(key, jax.Array) else key
     if jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
-        if key.shape != ():
-            raise ValueError(f"key must be a single PRNG key, got a key array of shape {key.shape}")
+        if key.shape != () and not (num_prompts is not None and key.shape == (num_prompts,)):
+            raise ValueError(f"key must be a single PRNG key or one typed key per prompt (shape ({num_prompts},)), "
+                             f"got a key array of shape {key.shape}")
     elif key.shape != (2,) or key.dtype != jnp.uint32:
         raise ValueError(
             f"key must be jax.random.key(seed) or jax.random.PRNGKey(seed), got {key.dtype}{list(key.shape)}"
         )
+    return key
+
+
+def _batch_key(key, batch: "PreparedBatch") -> jax.Array:
+    """:func:`_check_key` for a prepared batch: per-prompt keys are checked against its B prompts
+    and extended with copies of the first key for the dummy prompts a mesh adds."""
+    padded = batch.tokens.shape[0]
+    key = _check_key(key, batch.num_prompts if batch.num_prompts is not None else padded)
+    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1 and padded > key.shape[0]:
+        key = jnp.concatenate([key, jnp.repeat(key[:1], padded - key.shape[0])])
     return key
 
 
@@ -365,12 +377,12 @@ class Sampler:
         if (self.compact_min_rows and spec.logits_processor is None and spec.processor_update is None
                 and processor_state is None and self.mesh is None and active is None):
             return decode_compacting(
-                self.graphdef, self.state, cache, first_logits, jnp.asarray(row_lengths), _check_key(key),
+                self.graphdef, self.state, cache, first_logits, jnp.asarray(row_lengths), _batch_key(key, batch),
                 jnp.asarray(batch.temperature), jnp.asarray(batch.top_p), spec=spec,
                 num_samples=batch.num_samples, min_rows=self.compact_min_rows)
         return run(
             self.graphdef, self.state, cache, first_logits, jnp.asarray(row_lengths),
-            _check_key(key), jnp.asarray(batch.temperature), jnp.asarray(batch.top_p), processor_state,
+            _batch_key(key, batch), jnp.asarray(batch.temperature), jnp.asarray(batch.top_p), processor_state,
             processor_params, None if active is None else jnp.asarray(active),
             spec=spec, num_samples=batch.num_samples, mesh=self.mesh,
         )
@@ -452,7 +464,10 @@ class Sampler:
 
         Args:
           prompts: B strings (tokenised with ``add_special_tokens``) or token-id lists.
-          key: PRNG key; the same key gives the same samples.
+          key: PRNG key; the same key gives the same samples. Or typed keys ``[B]`` (e.g.
+            ``jax.vmap(jax.random.key)(seeds)``), one per prompt: prompt b then samples with
+            ``key[b]`` where a single key would give it ``fold_in(key, b)``, so a prompt's samples
+            do not depend on which other prompts share the call.
           num_samples: K completions per prompt (one prefill per prompt).
           max_new_tokens: T (static: one compiled decode per value).
           temperature: scalar, ``[B]``, ``[B, K]`` or ``[B*K]``; 0 = greedy.
@@ -489,7 +504,7 @@ class Sampler:
         spec = self.make_spec(batch, top_k=top_k, num_candidates=num_candidates, eos_token_ids=eos_token_ids,
                               ignore_eos=ignore_eos, stop=stop, stop_token_sequences=stop_token_sequences,
                               logits_processor=logits_processor, processor_update=processor_update)
-        key = _check_key(key)
+        key = _batch_key(key, batch)
         cache, first_logits = self.prefill(batch)
         result = self.decode(batch, cache, first_logits, key, spec=spec, processor_state=processor_state,
                              processor_params=processor_params, donate_processor_state=donate_processor_state)

@@ -223,6 +223,26 @@ def test_reproducible_with_key_and_different_with_another(sampler):
     np.testing.assert_array_equal(d.tokens, e.tokens)
 
 
+def test_one_key_per_prompt_makes_a_prompt_independent_of_its_batch(sampler):
+    """With typed keys [B], prompt b samples with keys[b]: the same as a call of its own whose single
+    key K gives it fold_in(K, 0), and the same in any order or company."""
+    prompts = [[3, 4, 5, 6], [7, 8, 9, 10], [11, 12, 13, 14]]  # one length: one prompt bucket throughout
+    kw = dict(num_samples=2, max_new_tokens=8, temperature=1.0, top_p=0.9, eos_token_ids=())
+    own = [jax.random.key(20 + b) for b in range(3)]
+    keys = jnp.stack([jax.random.fold_in(k, 0) for k in own])
+    together = sampler.generate(prompts, key=keys, **kw)
+    for b, prompt in enumerate(prompts):
+        alone = sampler.generate([prompt], key=own[b], **kw)
+        np.testing.assert_array_equal(together.tokens[b], alone.tokens[0])
+        np.testing.assert_allclose(together.logprobs[b], alone.logprobs[0], atol=1e-5)
+    swapped = sampler.generate(prompts[::-1], key=keys[::-1], **kw)
+    np.testing.assert_array_equal(swapped.tokens[::-1], together.tokens)
+    single = sampler.generate(prompts, key=jax.random.key(20), **kw)  # one key: prompts differ by position
+    assert not np.array_equal(single.tokens[1], together.tokens[1])
+    with pytest.raises(ValueError, match=r"one typed key per prompt \(shape \(3,\)\), got a key array of shape \(2,\)"):
+        sampler.generate(prompts, key=keys[:2], **kw)
+
+
 @pytest.mark.parametrize("settings", [
     dict(temperature=1e-6),
     dict(temperature=1.0, top_p=1e-6),

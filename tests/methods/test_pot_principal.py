@@ -126,6 +126,36 @@ def test_conformance_on_the_tiny_model(tiny_pool, tiny_checkpoint):
         "output_limit", "crashed", "killed"}
 
 
+class _CountingPool:
+    def __init__(self, pool):
+        self.pool, self.calls = pool, 0
+
+    def generate_chat(self, *args, **kwargs):
+        self.calls += 1
+        return self.pool.generate_chat(*args, **kwargs)
+
+
+def test_batched_programs_equal_one_generation_per_question(tiny_pool, tiny_checkpoint):
+    """settings.batched writes every question's programs in one call, each question with its own key:
+    the same programs as one call per question (each question's draws do not depend on its company)."""
+    import dataclasses
+
+    batch = example_batch()
+    assert len(batch.question_ids) > 1
+    together, alone = _CountingPool(tiny_pool), _CountingPool(tiny_pool)
+    a = make_pot_principal(together, tiny_checkpoint, FAST, seed=3)
+    b = make_pot_principal(alone, tiny_checkpoint, dataclasses.replace(FAST, batched=False), seed=3)
+    scores_a, scores_b = a.score(batch), b.score(batch)
+    assert together.calls == 1 and alone.calls == len(batch.question_ids)
+    for qid, sa, sb in zip(batch.question_ids, scores_a, scores_b):
+        assert a.last_programs[qid].texts == b.last_programs[qid].texts
+        assert [r.status for r in a.last_programs[qid].results] == [r.status for r in b.last_programs[qid].results]
+        np.testing.assert_array_equal(sa.score, sb.score)
+        assert sa.cost == sb.cost
+    with pytest.raises(FieldError, match="true or false"):
+        PotSettings(batched="yes")
+
+
 def test_registered_factory_builds_the_default_principal(tiny_pool, tiny_checkpoint):
     principal = make_principal(PrincipalSection(type="pot"), pool=tiny_pool, default_model=tiny_checkpoint, seed=2)
     assert isinstance(principal, ProgramOfThought) and principal.model == tiny_checkpoint

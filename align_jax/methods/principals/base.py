@@ -165,6 +165,10 @@ class PotSettings:
       max_new_tokens: token budget of one program (>= 16).
       limits: the sandbox's :class:`~align_jax.sandbox.SandboxLimits` per program.
       workers: programs run in the sandbox at once (>= 1).
+      batched: write the programs of all the questions of a scoring call in one generation
+        (B = questions, K = P), each question still sampling with its own key, so its programs
+        do not depend on the other questions (up to floating-point rounding of the batch's
+        padding); False: one generation per question (B = 1), slower on every device.
 
     Raises:
       FieldError: a setting out of range (the field is named).
@@ -176,8 +180,11 @@ class PotSettings:
     max_new_tokens: int = 256
     limits: SandboxLimits = dataclasses.field(default_factory=lambda: SandboxLimits(wall_s=5.0, cpu_s=2.0))
     workers: int = 2
+    batched: bool = True
 
     def __post_init__(self):
+        if not isinstance(self.batched, bool):
+            raise FieldError("batched", f"must be true or false, got {self.batched!r}")
         if isinstance(self.num_programs, bool) or not isinstance(self.num_programs, int) or self.num_programs < 1:
             raise FieldError("num_programs", f"must be an integer >= 1 (P programs per question), got "
                                              f"{self.num_programs!r}")

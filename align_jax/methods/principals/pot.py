@@ -15,8 +15,9 @@ whose programs all failed, score 0. The score depends on the slot's answer only
 (``answer_level``).
 
 Randomness: question ``q``'s programs are sampled with the key ``fold_in(key(seed),
-crc32(question_id))`` in a call of its own (B = 1 prompt, K = P samples), so its scores do
-not depend on the window it is scored in, and reruns agree.
+crc32(question_id))`` (passed as that prompt's own key, so with ``PotSettings.batched`` all the
+window's questions share one generation, B = questions, K = P, and each still samples as in a
+call of its own), so its scores do not depend on the window it is scored in, and reruns agree.
 
 Settings: :class:`PotSettings` (P, sampling, sandbox limits, workers). The registry's factory
 (``principal: {type: pot, model: ...}``) uses the defaults with the section's model;
@@ -161,22 +162,39 @@ class ProgramOfThought:
 
     def run_programs(self, question_text: str, question_id: str) -> PotPrograms:
         """Samples the P programs of one question and runs each in the sandbox."""
+        return self.run_programs_many([question_text], [question_id])[0]
+
+    def run_programs_many(self, question_texts: Sequence[str], question_ids: Sequence[str]) -> list[PotPrograms]:
+        """The P programs of each of Q questions, written in one generation call (B = Q prompts,
+        each with its own :meth:`question_key`), then run in the sandbox ``workers`` at a time."""
+        import jax
+        import jax.numpy as jnp
+
         settings = self.settings
-        out = self.pool.generate_chat(self.model, [pot_messages(question_text)], key=self.question_key(question_id),
+        # prompt b samples with keys[b]; fold_in(., 0) is what a one-prompt call with the question's
+        # key gives its prompt 0, so batched and one-at-a-time calls draw the same random numbers
+        keys = jnp.stack([jax.random.fold_in(self.question_key(qid), 0) for qid in question_ids])
+        out = self.pool.generate_chat(self.model, [pot_messages(text) for text in question_texts], key=keys,
                                       num_samples=settings.num_programs, max_new_tokens=settings.max_new_tokens,
                                       temperature=settings.temperature, top_p=settings.top_p)
-        texts = tuple(out.texts[0])
-        programs = tuple(extract_program(text) for text in texts)
-        results = tuple(self.sandbox.run_many(programs))
-        cost = Cost(calls=settings.num_programs, gen_tokens=int(np.sum(out.tokens[0])),
-                    prompt_tokens=int(out.prompt_tokens[0]))
-        return PotPrograms(texts, programs, results, cost)
+        texts = [tuple(out.texts[q]) for q in range(len(question_ids))]
+        programs = [tuple(extract_program(text) for text in group) for group in texts]
+        flat = list(self.sandbox.run_many([program for group in programs for program in group]))
+        p = settings.num_programs
+        return [PotPrograms(texts[q], programs[q], tuple(flat[q * p:(q + 1) * p]),
+                            Cost(calls=p, gen_tokens=int(np.sum(out.tokens[q])), prompt_tokens=int(out.prompt_tokens[q])))
+                for q in range(len(question_ids))]
 
     def score(self, batch: PrincipalBatch) -> list[PrincipalScores]:
-        """Each question's slots scored by its programs' results (one generation call per question)."""
+        """Each question's slots scored by its programs' results: one generation call for the whole
+        batch (``settings.batched``) or one per question."""
+        texts, ids = list(batch.question_texts), list(batch.question_ids)
+        if self.settings.batched:
+            written = self.run_programs_many(texts, ids)
+        else:
+            written = [self.run_programs(text, question_id) for text, question_id in zip(texts, ids)]
         scores = []
-        for text, question_id, question in zip(batch.question_texts, batch.question_ids, batch.questions):
-            programs = self.run_programs(text, question_id)
+        for question_id, question, programs in zip(ids, batch.questions, written):
             self.last_programs[question_id] = programs
             scores.append(PrincipalScores(program_scores(question, programs.results, batch.num_slots), programs.cost))
         return scores
