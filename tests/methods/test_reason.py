@@ -355,7 +355,8 @@ def test_undecided_math_verify_checks_are_counted_in_rows_and_summary(tiny_check
     assert "math-verify could not decide 2 correctness checks" in (report.directory / "summary.md").read_text()
 
 
-@pytest.mark.parametrize("name,dataset", [("reason_gsmhard_50.yaml", "gsm-hard"), ("reason_math500_50.yaml", "math500")])
+@pytest.mark.parametrize("name,dataset", [("reason_gsmhard_50.yaml", "gsm-hard"), ("reason_math500_50.yaml", "math500"),
+                                          ("reason_econ_gsm8k_50.yaml", "gsm8k")])
 def test_the_dataset_study_configs_load_with_the_pot_principal(name, dataset):
     from align_jax.data.datasets import DatasetError, resolve_data_dir
 
