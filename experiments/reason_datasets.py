@@ -11,7 +11,7 @@ becomes a column of its own ("GSM8K, pot (replay)"): the baselines are the run's
 the principal), ALIGN and best-of-N are the replay's, so the three datasets can be compared at the same
 principal.
 
-    python experiments/reason_datasets.py                       # -> docs/results/reason_datasets.md
+    python experiments/reason_datasets.py                       # -> docs/results/reason_datasets.{md,png}
     python experiments/reason_datasets.py --runs GSM8K=docs/results/reason_gsm8k_100/seed0 ...
 """
 
@@ -30,9 +30,9 @@ from align_jax.runio import atomic_write
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "docs" / "results"
 DEFAULT_RUNS = (
-    ("GSM8K (100 q)", RESULTS / "reason_gsm8k_100" / "seed0"),
-    ("GSM-Hard (50 q)", RESULTS / "reason_gsmhard_50" / "seed0"),
-    ("MATH-500 (50 q)", RESULTS / "reason_math500_50" / "seed0"),
+    ("GSM8K, verifier (100 q)", RESULTS / "reason_gsm8k_100" / "seed0"),
+    ("GSM-Hard, pot (50 q)", RESULTS / "reason_gsmhard_50" / "seed0"),
+    ("MATH-500, pot (50 q)", RESULTS / "reason_math500_50" / "seed0"),
 )
 POT_REPLAY = RESULTS / "pot_principal" / "summary.json"
 # Rows in reading order: ALIGN and what it is compared with first, then the single agents, then the floors.
@@ -74,7 +74,7 @@ def pot_replay_column(base: tuple[str, dict, dict], replay_path: Path = POT_REPL
     derived["principal_pairwise"] = pot["pairwise_accuracy"]
     derived.pop("wall_s_per_question", None)
     config = {**config, "principal": {**config["principal"], "type": "pot (replay)"}}
-    return f"{label.split(' ')[0]}, pot (replay)", derived, config
+    return f"{label.split(',')[0].split(' ')[0]}, pot (replay)", derived, config
 
 
 def method_order(studies) -> list[str]:
@@ -91,12 +91,50 @@ def method_order(studies) -> list[str]:
     return sorted(names, key=rank)
 
 
+FIGURE_METHODS = ("align", "best_of_n", "sc_pooled", "debate", "greedy/zs-t0.7", "pass@k")
+
+
+def figure(studies, path: Path, methods=FIGURE_METHODS) -> Path:
+    """Grouped bars: accuracy with its 95% interval per method (rows) and run (one colour each)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    methods = [m for m in methods if any(m in s["methods"] for _, s, _ in studies)]
+    height = 0.8 / len(studies)
+    fig, ax = plt.subplots(figsize=(7.5, 0.55 * len(methods) * max(1, len(studies) / 2) + 1.5))
+    base = np.arange(len(methods))[::-1].astype(float)
+    for j, (label, summary, _) in enumerate(studies):
+        entries = [summary["methods"].get(m) for m in methods]
+        acc = np.array([e["accuracy"] if e else np.nan for e in entries])
+        low = np.array([e["ci_low"] if e else np.nan for e in entries])
+        high = np.array([e["ci_high"] if e else np.nan for e in entries])
+        y = base + 0.4 - height * (j + 0.5)
+        ax.barh(y, acc, height=height * 0.9, xerr=np.vstack([acc - low, high - acc]), capsize=2,
+                label=label, color=f"C{j}", alpha=0.85)
+    ax.set_yticks(base)
+    ax.set_yticklabels(methods, fontsize=8)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("accuracy (95% paired bootstrap interval)")
+    ax.legend(fontsize=7, loc="lower right")
+    ax.set_title("ALIGN vs baselines across datasets (Qwen2.5-Coder-0.5B agents)", fontsize=9)
+    fig.tight_layout()
+    tmp = path.with_suffix(".tmp.png")
+    fig.savefig(tmp, dpi=130)
+    plt.close(fig)
+    tmp.replace(path)
+    return path
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", nargs="+", metavar="LABEL=DIR",
                         help="runs to compare (default: the committed GSM8K, GSM-Hard and MATH-500 studies)")
     parser.add_argument("--no-pot-replay", action="store_true", help="leave out the GSM8K pot replay column")
     parser.add_argument("--out", type=Path, default=RESULTS / "reason_datasets.md")
+    parser.add_argument("--no-figure", action="store_true", help="skip the figure (written next to --out, .png)")
     args = parser.parse_args(argv)
     if args.runs:
         pairs = []
@@ -121,6 +159,8 @@ def main(argv=None) -> int:
             "(and `replay.json` for the principal's within-question pairwise accuracy). Intervals: paired 95% "
             "bootstrap over questions.\n\n" + table)
     atomic_write(args.out, text)
+    if not args.no_figure:
+        figure(studies, args.out.with_suffix(".png"))
     print(text)
     print(f"wrote {os.path.relpath(args.out)}", file=sys.stderr)
     return 0
