@@ -137,7 +137,8 @@ class _CountingPool:
 
 def test_batched_programs_equal_one_generation_per_question(tiny_pool, tiny_checkpoint):
     """settings.batched writes every question's programs in one call, each question with its own key:
-    the same programs as one call per question (each question's draws do not depend on its company)."""
+    with a float32 model, the same programs as one call per question (a bfloat16 model rounds
+    differently in another batch shape; see PotSettings.batched)."""
     import dataclasses
 
     batch = example_batch()

@@ -15,9 +15,11 @@ whose programs all failed, score 0. The score depends on the slot's answer only
 (``answer_level``).
 
 Randomness: question ``q``'s programs are sampled with the key ``fold_in(key(seed),
-crc32(question_id))`` (passed as that prompt's own key, so with ``PotSettings.batched`` all the
-window's questions share one generation, B = questions, K = P, and each still samples as in a
-call of its own), so its scores do not depend on the window it is scored in, and reruns agree.
+crc32(question_id))`` (passed as that prompt's own key), so reruns agree and its random draws do
+not depend on the window it is scored in. With ``PotSettings.batched`` (the default) all the
+window's questions share one generation (B = questions, K = P): the same draws, but a bfloat16
+model rounds differently in a batch of another shape, so the programs are those of one call per
+question only for float32 models (see :class:`PotSettings`).
 
 Settings: :class:`PotSettings` (P, sampling, sandbox limits, workers). The registry's factory
 (``principal: {type: pot, model: ...}``) uses the defaults with the section's model;
