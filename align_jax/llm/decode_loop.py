@@ -140,6 +140,11 @@ class _Carry(NamedTuple):
     user: Any
 
 
+def per_prompt_keys(key) -> bool:
+    """Whether ``key`` is typed keys ``[B]``, one per prompt (else one key for the whole call)."""
+    return bool(jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1)
+
+
 def _decode_impl(graphdef, state, cache, first_logits, prompt_lengths, key, temperature, top_p,
                  processor_state, processor_params, row_active=None, row_ids=None, *, spec: DecodeSpec,
                  num_samples: int, mesh=None, stop_below: int = 0, resume: bool = False):
@@ -176,7 +181,7 @@ def _decode_impl(graphdef, state, cache, first_logits, prompt_lengths, key, temp
     kv_mask = left_pad_mask(prompt_lengths, bucket, num_slots)
     if row_ids is None:
         row_ids = jnp.arange(rows, dtype=jnp.int32)
-    if not (jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1):  # one key: prompt b's is fold_in(key, b)
+    if not per_prompt_keys(key):  # one key: prompt b's is fold_in(key, b)
         row_keys = jax.vmap(
             lambda r: jax.random.fold_in(jax.random.fold_in(key, r // num_samples), r % num_samples)
         )(row_ids)

@@ -15,7 +15,7 @@ import numpy as np
 
 from align_jax.llm.model import ModelConfig
 from align_jax.llm.params import (LoadedModel, WeightsError, _check_finite, model_from_arrays, quantize_arrays,
-                                  split_fused)
+                                  refuse_quantized_mesh, split_fused)
 from align_jax.llm.tokenizer import ChatTokenizer, TokenizerError
 
 __all__ = [
@@ -281,9 +281,7 @@ def load_hf_dir(path: str | os.PathLike, *, dtype: str = "float32", param_dtype:
     if mesh is not None:  # before any tensor is read
         from align_jax.llm.sharding import check_mesh
 
-        if quantized:
-            raise ValueError(f"{path}: a mesh needs a dense model (quantized weights are not sharded); "
-                             "load with quantized=False")
+        refuse_quantized_mesh(str(path), quantized, mesh)
         check_mesh(mesh, config)
     files = _weight_files(path)
     arrays: dict[str, np.ndarray] = {}

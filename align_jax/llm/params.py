@@ -73,6 +73,13 @@ def expected_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     return {_flat_path(path): tuple(var.get_value().shape) for path, var in nnx.to_flat_state(state)}
 
 
+def refuse_quantized_mesh(source: str, quantized: bool, mesh) -> None:
+    """Before any tensor is read: a mesh cannot hold quantized weights (they are not sharded)."""
+    if mesh is not None and quantized:
+        raise ValueError(f"{source}: a mesh needs a dense model (quantized weights are not sharded); "
+                         "load with quantized=False")
+
+
 def _placer(config: ModelConfig, mesh):
     """``place(flat name, host array, dtype) -> jax.Array``: on the default device, or straight into
     the parameter's shards on ``mesh`` (checked against ``config``)."""

@@ -61,6 +61,7 @@ from align_jax.llm.decode_loop import (
     decode,
     decode_compacting,
     decode_donating,
+    per_prompt_keys,
 )
 from align_jax.llm.decoding import (
     TRACE_COUNTS,
@@ -207,7 +208,7 @@ def _batch_key(key, batch: "PreparedBatch") -> jax.Array:
     and extended with copies of the first key for the dummy prompts a mesh adds."""
     padded = batch.tokens.shape[0]
     key = _check_key(key, batch.num_prompts if batch.num_prompts is not None else padded)
-    if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.ndim == 1 and padded > key.shape[0]:
+    if per_prompt_keys(key) and padded > key.shape[0]:
         key = jnp.concatenate([key, jnp.repeat(key[:1], padded - key.shape[0])])
     return key
 

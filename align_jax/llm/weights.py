@@ -52,6 +52,7 @@ from align_jax.llm.params import (
     model_from_arrays,
     quantize_arrays,
     quantized_entries,
+    refuse_quantized_mesh,
 )
 from align_jax.llm.tokenizer import ChatTokenizer, TokenizerError
 
@@ -232,9 +233,7 @@ def load_pretrained(name_or_path: str, *, dtype: str = "float32", param_dtype: s
         raise WeightsError(f"load_pretrained: param_dtype={param_dtype!r} is not supported; "
                            "use None, 'float32' or 'bfloat16'")
     quantized = bool(quantized)
-    if mesh is not None and quantized:
-        raise ValueError(f"load_pretrained({name_or_path!r}): a mesh needs a dense model (quantized weights "
-                         "are not sharded); load with quantized=False")
+    refuse_quantized_mesh(f"load_pretrained({name_or_path!r})", quantized, mesh)
     if registry.is_registered(name_or_path):
         target = _cached_checkpoint_dir(name_or_path, cache_dir, quantized)
         if not is_checkpoint_dir(target):
