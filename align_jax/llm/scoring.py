@@ -37,7 +37,7 @@ from flax import nnx
 from align_jax.llm import sharding
 from align_jax.llm.decoding import TRACE_COUNTS, hidden_states, lm_head, prompt_bucket
 
-__all__ = ["ScoreOutput", "score_continuations", "token_logprobs"]
+__all__ = ["ScoreOutput", "score_continuations", "token_logprobs", "mean_hidden", "text_embeddings"]
 
 
 class ScoreOutput(NamedTuple):
@@ -198,3 +198,72 @@ def score_continuations(model, tokenizer=None, prompts: Sequence = (), continuat
         mean_logprob=(sums / num_tokens).astype(np.float32),
         prompt_tokens=np.asarray([len(p) for p in prompt_ids], np.int32),
     )
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def mean_hidden(graphdef, state, tokens, lengths):
+    """Unit-norm mean of the final-norm hidden states over each row's tokens.
+
+    ``tokens int32 [n, L]`` right-padded, ``lengths int32 [n]`` (>= 1) -> float32 ``[n, D]``:
+    ``e = mean_{j < len} h_j / ||mean_{j < len} h_j||`` (causal attention, so token j sees
+    tokens 0..j; the mean pools every prefix state).
+    """
+    TRACE_COUNTS["embed"] += 1
+    model = nnx.merge(graphdef, state)
+    n, length = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (n, length))
+    valid = positions < lengths[:, None]
+    h, _ = hidden_states(model, tokens, positions, None, 0, valid)
+    weight = valid.astype(jnp.float32)[..., None]
+    mean = (h.astype(jnp.float32) * weight).sum(1) / jnp.maximum(weight.sum(1), 1.0)
+    return mean / jnp.maximum(jnp.linalg.norm(mean, axis=-1, keepdims=True), 1e-12)
+
+
+def text_embeddings(model, tokenizer=None, texts: Sequence[str] = (), *, batch_size: int = 8, max_tokens: int = 512,
+                    min_bucket: int = 16) -> np.ndarray:
+    """Sentence embeddings from the decoder itself: :func:`mean_hidden` of each text.
+
+    Args:
+      model: a ``LoadedModel`` or a ``(graphdef, state)`` pair.
+      tokenizer: the ``ChatTokenizer`` (defaults to the ``LoadedModel``'s).
+      texts: N strings (encoded without special tokens; an empty string embeds as one
+        end-of-text / pad token).
+      batch_size: rows per jitted chunk (static).
+      max_tokens: texts are cut to their first ``max_tokens`` tokens (>= 1; also bounded by
+        the model's context).
+    Returns:
+      float32 ``[N, D]``, unit rows, in the input order (rows of equal texts are equal).
+    """
+    if hasattr(model, "model") and hasattr(model, "config") and not isinstance(model, nnx.Module):
+        tokenizer = tokenizer if tokenizer is not None else getattr(model, "tokenizer", None)
+        graphdef, state = nnx.split(model.model)
+    elif isinstance(model, tuple) and len(model) == 2:
+        graphdef, state = model
+    else:
+        raise TypeError(f"text_embeddings needs a LoadedModel or (graphdef, state), got {type(model).__name__}")
+    if isinstance(texts, str):
+        raise TypeError("texts must be a list of strings (wrap a single string in a list)")
+    if tokenizer is None:
+        raise ValueError("text_embeddings needs a tokenizer for string inputs")
+    config = nnx.merge(graphdef, state).config
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, (int, np.integer)) or max_tokens < 1:
+        raise ValueError(f"max_tokens must be an int >= 1, got {max_tokens!r}")
+    limit = min(int(max_tokens), config.max_position_embeddings)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    ids = [(list(tokenizer.encode(t))[:limit] or [pad]) if isinstance(t, str) else None for t in texts]
+    for i, row in enumerate(ids):
+        if row is None:
+            raise TypeError(f"texts[{i}]: expected a string, got {type(texts[i]).__name__}")
+    out = np.zeros((len(ids), config.hidden_size), np.float32)
+    order = np.argsort([len(r) for r in ids], kind="stable")
+    for start in range(0, len(ids), batch_size):
+        rows = order[start:start + batch_size]
+        bucket = prompt_bucket(max(len(ids[r]) for r in rows), min_bucket)
+        tokens = np.zeros((batch_size, bucket), np.int32)
+        lengths = np.ones((batch_size,), np.int32)
+        for j, r in enumerate(rows):
+            tokens[j, :len(ids[r])] = ids[r]
+            lengths[j] = len(ids[r])
+        emb = np.asarray(mean_hidden(graphdef, state, jnp.asarray(tokens), jnp.asarray(lengths)))
+        out[rows] = emb[:len(rows)]
+    return out

@@ -389,6 +389,22 @@ class ModelPool:
         )
         return Generation(texts=out.text, tokens=np.asarray(out.lengths), prompt_tokens=np.asarray(out.prompt_tokens))
 
+    def embed(self, name: str, texts: Sequence[str], *, batch_size: int = 8,
+              max_tokens: int = 512) -> tuple[np.ndarray, Cost]:
+        """Unit-norm sentence embeddings ``[M, D]`` of ``texts`` from the model's own mean-pooled
+        final hidden states (:func:`~align_jax.llm.scoring.text_embeddings`) and the cost (one
+        call and its tokens per text)."""
+        from align_jax.llm.scoring import text_embeddings
+
+        if name not in self._split:
+            from flax import nnx
+
+            self._split[name] = nnx.split(self.loaded(name).model)
+        tokenizer = self.tokenizer(name)
+        emb = text_embeddings(self._split[name], tokenizer, list(texts), batch_size=batch_size, max_tokens=max_tokens)
+        tokens = sum(min(len(tokenizer.encode(t)), max_tokens) for t in texts)
+        return emb, Cost(calls=len(texts), gen_tokens=0, prompt_tokens=int(tokens))
+
     def label_logprobs(self, name: str, prompts: Sequence[str], labels: Sequence[str], *,
                        batch_size: int = 8) -> tuple[np.ndarray, Cost]:
         """``log p(label | prompt)`` for every prompt and label, ``[P, M]``, and the cost.

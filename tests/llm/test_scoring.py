@@ -103,3 +103,28 @@ def test_no_retrace_on_second_call_with_same_bucket(model):
 def test_bad_input_raises_clear_errors(model, prompts, conts, kwargs, match):
     with pytest.raises(ValueError, match=match):
         score_continuations(model, None, prompts, conts, **kwargs)
+
+
+def test_text_embeddings_are_the_unit_mean_of_the_hidden_states(tiny_qwen2_model, tiny_tokenizer):
+    """text_embeddings == normalise(mean_j h_j) of each text alone, whatever the batch, padding and order."""
+    import jax.numpy as jnp
+
+    from align_jax.llm.scoring import text_embeddings
+
+    texts = ["The answer is 12.", "abc", "The answer is 12.", "a much longer text about numbers 1 2 3 4 5 6 7 8 9"]
+    split = nnx.split(tiny_qwen2_model)
+    emb = text_embeddings(split, tiny_tokenizer, texts, batch_size=2)
+    assert emb.shape == (4, tiny_qwen2_model.config.hidden_size) and emb.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(emb[0], emb[2], rtol=1e-5, atol=1e-6)
+    for i, text in enumerate(texts):
+        ids = jnp.asarray([tiny_tokenizer.encode(text)], jnp.int32)
+        h, _ = tiny_qwen2_model.hidden_states(ids, jnp.arange(ids.shape[1])[None], None, 0,
+                                              jnp.ones(ids.shape, bool))
+        mean = np.asarray(h[0], np.float32).mean(0)
+        np.testing.assert_allclose(emb[i], mean / np.linalg.norm(mean), rtol=1e-4, atol=1e-5)
+    alone = text_embeddings(split, tiny_tokenizer, texts[1:2], batch_size=4)
+    np.testing.assert_allclose(alone[0], emb[1], rtol=1e-4, atol=1e-5)
+    assert abs(float(emb[0] @ emb[1])) < 1.0 - 1e-4  # different texts are not collinear
+    with pytest.raises(TypeError, match="texts must be a list"):
+        text_embeddings(split, tiny_tokenizer, "one string")

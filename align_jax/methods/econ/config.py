@@ -18,6 +18,7 @@ import math
 from typing import Mapping, Optional
 
 from align_jax.config import FieldError
+from align_jax.runner import ADDED_FIELD
 
 __all__ = [
     "REWARD_NAMES",
@@ -27,6 +28,7 @@ __all__ = [
     "TrainConfig",
     "EnvSettings",
     "RunSettings",
+    "RealTrainSettings",
     "EconConfig",
     "check_reward_weights",
     "reward_weight_vector",
@@ -323,6 +325,73 @@ class RunSettings:
 
 
 @dataclasses.dataclass(frozen=True)
+class RealTrainSettings:
+    """Real-model fine-tuning of the belief networks and mixer after simulated training
+    (:mod:`~align_jax.methods.econ.real_train`): ECON episodes of the real pipeline on
+    ``dataset`` / ``split`` questions, epsilon-greedy w.r.t. the belief networks, their
+    transitions kept, and ``updates_per_batch`` TD updates after every ``batch_questions``.
+
+    Attributes:
+      model: the coordinator's and executors' model (name or path, as in a reason config).
+      dataset, split: the training questions (GSM8K train by default; never the test split
+        a reason run evaluates on).
+      limit, offset: how many questions (>= 1) and from where.
+      batch_questions: questions per episode batch (one checkpoint each).
+      updates_per_batch: TD updates after each batch (batch size ``train.batch_size``, drawn
+        uniformly from every transition collected so far).
+      epsilon: exploration rate of the executors' grid actions (in [0, 1]).
+      strategy_tokens, executor_tokens, commit_tokens: generation budgets (>= 1).
+      coordinator_temperature: the coordinator's sampling temperature (> 0).
+      variance_threshold: the stop rule's threshold (>= 0).
+      param_dtype: weight dtype of the model (``float32`` or ``bfloat16``).
+      action_likelihood: the form of R_AL in the training rewards: ``answer`` (exact answer
+        agreement with the commitment, the simulator's) or ``embedding`` (cosine of the model's
+        mean-pooled hidden states of the executor's output and the commitment response).
+      data_dir: the data directory (default ``$ALIGN_JAX_DATA_DIR``).
+    """
+
+    model: str = "qwen2.5-coder-0.5b"
+    dataset: str = "gsm8k"
+    split: str = "train"
+    limit: int = 32
+    offset: int = 0
+    batch_questions: int = 8
+    updates_per_batch: int = 32
+    epsilon: float = 0.2
+    strategy_tokens: int = 50
+    executor_tokens: int = 256
+    commit_tokens: int = 64
+    coordinator_temperature: float = 0.7
+    variance_threshold: float = 0.01
+    param_dtype: str = "bfloat16"
+    action_likelihood: str = dataclasses.field(default="answer", metadata=ADDED_FIELD)
+    data_dir: Optional[str] = None
+
+    def __post_init__(self):
+        if not isinstance(self.model, str) or not self.model:
+            raise FieldError("model", f"must be a model name or path, got {self.model!r}")
+        _positive_int(self, "limit", "batch_questions", "updates_per_batch", "strategy_tokens", "executor_tokens",
+                      "commit_tokens")
+        _positive_int(self, "offset", minimum=0)
+        _finite(self, "epsilon", low=0.0, high=1.0)
+        _finite(self, "coordinator_temperature", low=0.0, low_open=True)
+        _finite(self, "variance_threshold", low=0.0)
+        if self.param_dtype not in ("float32", "bfloat16"):
+            raise FieldError("param_dtype", f"must be float32 or bfloat16, got {self.param_dtype!r}")
+        if self.action_likelihood not in ("answer", "embedding"):
+            raise FieldError("action_likelihood", f"must be answer or embedding, got {self.action_likelihood!r}")
+        from align_jax.data import datasets as datasets_lib
+
+        if self.dataset not in datasets_lib.dataset_names():
+            raise FieldError("dataset", f"unknown dataset {self.dataset!r} (known: "
+                                        f"{', '.join(datasets_lib.dataset_names())})")
+
+    @property
+    def num_batches(self) -> int:
+        return -(-self.limit // self.batch_questions)
+
+
+@dataclasses.dataclass(frozen=True)
 class EconConfig:
     """One ECON experiment: networks, simulator, training and the reward weights.
 
@@ -334,6 +403,8 @@ class EconConfig:
         (missing names weigh 0).  Default 0.5 / 0.3 / 0.2.
       env: the simulator's numbers (:class:`EnvSettings`).
       run: output directory, seeds, checkpoints (:class:`RunSettings`).
+      real: optional real-model fine-tuning after simulated training (:class:`RealTrainSettings`);
+        ``align-jax econ train`` runs it when present.
     """
 
     name: str = "econ"
@@ -344,6 +415,7 @@ class EconConfig:
     reward_weights: dict[str, float] = dataclasses.field(default_factory=lambda: dict(DEFAULT_REWARD_WEIGHTS))
     env: EnvSettings = dataclasses.field(default_factory=EnvSettings)
     run: RunSettings = dataclasses.field(default_factory=RunSettings)
+    real: Optional[RealTrainSettings] = None
 
     def __post_init__(self):
         if not isinstance(self.name, str) or not self.name or "/" in self.name:
@@ -360,4 +432,4 @@ class EconConfig:
 
     def __hash__(self) -> int:  # the dict field would make the generated hash fail
         return hash((self.name, self.seed, self.network, self.sim, self.train,
-                     tuple(sorted(self.reward_weights.items())), self.env, self.run))
+                     tuple(sorted(self.reward_weights.items())), self.env, self.run, self.real))

@@ -20,9 +20,15 @@ action, agreement with the previous commitment, the commitment features
 policy trained in simulation applies unchanged (sim-to-real transfer; its difficulty
 input is 0, i.e. an average question).
 
-Rewards of a round (returned for training and diagnostics): R_TS = [a_i = gold],
-R_AL = [a_i = commitment] (exact answer equivalence; the paper's sentence-embedding
-cosine is not implemented here), R_CC = (R_AL + novelty) / 2 as in the simulator.
+Rewards of a round (returned for training and diagnostics): R_TS = [a_i = gold]; R_AL by
+``settings.action_likelihood``: ``"answer"``, [a_i = commitment] (exact answer equivalence, the
+simulator's R_AL), or ``"embedding"``, the paper's cosine ``<e(y_i), e(c)>`` of the executor's
+output y_i and the coordinator's commitment response c, with e the unit mean of the model's own
+final hidden states (:func:`~align_jax.llm.scoring.text_embeddings`: the executors' model is
+already loaded, so no second model and no download; a sentence-embedding model such as MiniLM
+would need torch at run time); R_CC = (agreement + novelty) / 2 as in the simulator, with the
+exact agreement [a_i = commitment].  Embeddings cost N + 1 forward passes per question per round
+(billed as calls and prompt tokens).
 
 Rows are plain dicts with the answer, correctness, rounds, the chosen parameters and the
 cost (model calls, generated and prompt tokens), the fields of a reason row's method record.
@@ -43,7 +49,7 @@ from align_jax.methods.econ.networks import EconNetworks, EconParams
 from align_jax.methods.econ.sim import COMMITMENT_DIM, normalise_action, observation_dim
 from align_jax.methods.econ.config import SimConfig
 
-__all__ = ["RealEconSettings", "STRATEGY_PROMPT", "COMMIT_PROMPT", "belief_policy", "fixed_policy",
+__all__ = ["RealEconSettings", "ACTION_LIKELIHOODS", "STRATEGY_PROMPT", "COMMIT_PROMPT", "belief_policy", "fixed_policy",
            "run_econ_questions", "real_observation_dim"]
 
 STRATEGY_PROMPT = ("You coordinate a team solving a math problem. In at most two sentences, give a strategy "
@@ -67,6 +73,8 @@ class RealEconSettings:
       strategy_tokens: the coordinator's strategy budget (paper: 50).
       executor_tokens, commit_tokens: generation budgets.
       coordinator_temperature: the coordinator's sampling temperature (top-p 0.95).
+      action_likelihood: R_AL, ``"answer"`` (exact answer agreement) or ``"embedding"`` (cosine
+        of the model's mean-pooled hidden states; see the module docstring).
     """
 
     model: str
@@ -77,6 +85,16 @@ class RealEconSettings:
     executor_tokens: int = 256
     commit_tokens: int = 64
     coordinator_temperature: float = 0.7
+    action_likelihood: str = "answer"
+
+    def __post_init__(self):
+        if self.action_likelihood not in ACTION_LIKELIHOODS:
+            raise ValueError(f"action_likelihood must be one of {', '.join(ACTION_LIKELIHOODS)}, "
+                             f"got {self.action_likelihood!r}")
+
+
+#: The two forms of R_AL (see the module docstring).
+ACTION_LIKELIHOODS = ("answer", "embedding")
 
 
 def belief_policy(nets: EconNetworks, params: EconParams) -> Callable:
@@ -121,7 +139,9 @@ def run_econ_questions(pool, settings: RealEconSettings, questions: Sequence[str
         ``fold_in(key, 2 t + 2)``, the strategy ``fold_in(key, 0)``.
     Returns:
       Q dicts: ``answer, correct, rounds, strategy, commitments, temperatures, top_ps,
-      reward_components, cost {calls, gen_tokens, prompt_tokens}``.
+      reward_components [rounds, N, 3] (R_TS, R_AL, R_CC), observations [rounds, N, F] (what the
+      policy acted on), commit_features [rounds, C] (after each round),
+      cost {calls, gen_tokens, prompt_tokens}``.
     """
     q_num, n, t_max = len(questions), settings.num_executors, settings.max_rounds
     model = settings.model
@@ -143,6 +163,8 @@ def run_econ_questions(pool, settings: RealEconSettings, questions: Sequence[str
     temps: list[list[list[float]]] = [[] for _ in range(q_num)]
     tops: list[list[list[float]]] = [[] for _ in range(q_num)]
     rewards: list[list] = [[] for _ in range(q_num)]
+    observations: list[list] = [[] for _ in range(q_num)]
+    features: list[list] = [[] for _ in range(q_num)]
     rounds = np.zeros(q_num, int)
     prev_action = np.zeros((q_num, n, 2))
     prev_agree = np.zeros((q_num, n))
@@ -150,6 +172,8 @@ def run_econ_questions(pool, settings: RealEconSettings, questions: Sequence[str
     for t in range(t_max):
         obs = _observations(n, t_max, t, prev_action, prev_agree, prev_features)
         temperature, top_p = (np.clip(x, lo, hi) for x, (lo, hi) in zip(policy(obs), ((0.1, 2.0), (0.1, 0.95))))
+        for q in np.flatnonzero(active):
+            observations[q].append(obs[q].tolist())
         conversations, owners = [], []
         for q in range(q_num):  # every row every round (static batch shape); finished questions are not billed
             previous = commitments[q][-1] if commitments[q] else None
@@ -180,10 +204,16 @@ def run_econ_questions(pool, settings: RealEconSettings, questions: Sequence[str
             others = np.array([sum(ids[j] == ids[i] for j in range(n) if j != i) for i in range(n)], float)
             novelty = 1.0 - others / max(n - 1, 1)
             correct = np.array([float(a is not None and is_correct(a, golds[q])) for a in row])
-            rewards[q].append(np.stack([correct, agree, 0.5 * (agree + novelty)], 1).tolist())
+            likelihood = agree
+            if settings.action_likelihood == "embedding":
+                emb, spent = pool.embed(model, texts[q * n:(q + 1) * n] + [commit_texts[q]])
+                cost[q] += (spent.calls, 0, spent.prompt_tokens)
+                likelihood = np.clip(emb[:n] @ emb[n], -1.0, 1.0)
+            rewards[q].append(np.stack([correct, likelihood, 0.5 * (agree + novelty)], 1).tolist())
             changed = float(t > 0 and commitment != commitments[q][-1])
             share = float(agree.mean())
             prev_features[q] = [share, changed, float(share >= 1.0)]
+            features[q].append(prev_features[q].tolist())
             stop = ((t > 0 and commitment == commitments[q][-1]) or t == t_max - 1
                     or np.var(temperature[q]) + np.var(top_p[q]) < settings.variance_threshold)
             commitments[q].append(commitment)
@@ -202,6 +232,7 @@ def run_econ_questions(pool, settings: RealEconSettings, questions: Sequence[str
         rows.append(dict(answer=answer, correct=float(answer is not None and is_correct(answer, golds[q])),
                          rounds=int(rounds[q]), strategy=strategies[q], commitments=commitments[q],
                          temperatures=temps[q], top_ps=tops[q], reward_components=rewards[q],
+                         observations=observations[q], commit_features=features[q],
                          cost=dict(calls=int(cost[q, 0]), gen_tokens=int(cost[q, 1]),
                                    prompt_tokens=int(cost[q, 2]))))
     return rows

@@ -12,7 +12,9 @@ The executors' observation layout is the simulator's, so the trained belief netw
 real questions unchanged (sim-to-real transfer; see :mod:`~align_jax.methods.econ.real`);
 the number of executors N and of rounds T are those of the trained run.  Policies:
 
-* ``learned``: greedy w.r.t. the trained belief networks' local Q;
+* ``learned``: greedy w.r.t. the trained belief networks' local Q (trained in simulation);
+* ``real``: the same after real-model fine-tuning on training questions (the ECON config's
+  ``real:`` section, :mod:`~align_jax.methods.econ.real_train`);
 * ``initial``: the same networks at their initialisation (ECON without BNE training);
 * ``fixed``: every executor at ``fixed_temperature`` / ``fixed_top_p``.
 
@@ -37,7 +39,7 @@ from align_jax.methods.candidates import Cost
 
 __all__ = ["EconSection", "EconMethod", "ECON_POLICIES"]
 
-ECON_POLICIES = ("learned", "initial", "fixed")
+ECON_POLICIES = ("learned", "real", "initial", "fixed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +123,16 @@ def check_trained(section: EconSection) -> None:
     """Restores the trained networks (a clear error before any LLM is loaded if the run is not
     finished or its checkpoints are another config's or corrupt)."""
     _policies(str(Path(section.config).resolve()), section.seed_index)
+    if "real" in section.policies:
+        _real_params(str(Path(section.config).resolve()), section.seed_index)
+
+
+@functools.lru_cache(maxsize=4)
+def _real_params(path: str, seed_index: int):
+    """``(networks, params)`` after real fine-tuning, restored once per process."""
+    from align_jax.methods.econ.real_train import finetuned_params
+
+    return finetuned_params(_load_econ_config(path), seed_index)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,6 +169,7 @@ class EconMethod:
             strategy_tokens=section.strategy_tokens, executor_tokens=section.executor_tokens,
             commit_tokens=section.commit_tokens, coordinator_temperature=section.coordinator_temperature)
         make = {"learned": lambda: belief_policy(networks, learned),
+                "real": lambda: belief_policy(*_real_params(str(Path(section.config).resolve()), section.seed_index)),
                 "initial": lambda: belief_policy(networks, initial),
                 "fixed": lambda: fixed_policy(section.fixed_temperature, section.fixed_top_p)}
         questions = [p.question for p in window.problems]

@@ -96,7 +96,8 @@ def econ_settings_hash(config: EconConfig) -> str:
     checkpoint interval or the number of checkpoints kept)."""
     neutral = dataclasses.replace(config.run, output_dir=RunSettings.output_dir,
                                   checkpoint_every=RunSettings.checkpoint_every, max_to_keep=RunSettings.max_to_keep)
-    return runner.settings_hash(dataclasses.replace(config, run=neutral))
+    # the real fine-tuning section has its own checkpoints (econ.real_train); it does not change the simulated run
+    return runner.settings_hash(dataclasses.replace(config, run=neutral, real=None))
 
 
 def seed_keys(config: EconConfig) -> jax.Array:
@@ -389,6 +390,16 @@ def _train_command(args) -> int:
           f"({'resumed from step ' + str(outcome.resumed_from) if outcome.resumed_from else 'fresh'}) in "
           f"{outcome.seconds:.1f}s ({steps / max(outcome.seconds, 1e-9):.0f} env steps/s, compilation included); "
           f"last-eighth training accuracy {acc:.3f}")
+    if config.real is not None and outcome.finished:
+        from align_jax.methods.econ.real_train import CURVE_FIELDS, finetune_dir, finetune_run
+
+        state = finetune_run(config, progress=not args.quiet)
+        curve = np.asarray(state.curve)
+        acc_col = CURVE_FIELDS.index("accuracy")
+        print(f"real fine-tuning on {config.real.dataset}/{config.real.split}: {int(state.batches)} of "
+              f"{config.real.num_batches} batches, {int(state.count)} transitions; training-episode accuracy "
+              f"per batch {', '.join(f'{x:.2f}' for x in curve[:int(state.batches), acc_col])}")
+        print(f"real fine-tuning results: {finetune_dir(config)}")
     print(f"results: {outcome.directory}")
     return 0
 

@@ -60,6 +60,7 @@ __all__ = [
     "EconTrainer",
     "make_trainer",
     "make_train",
+    "make_update",
     "epsilon_schedule",
     "greedy_actions",
 ]
@@ -208,6 +209,33 @@ def _strong(tree):
                         else x, tree)
 
 
+def make_update(nets: EconNetworks, tr) -> tuple[optax.GradientTransformation, Callable]:
+    """ECON's parameter update, shared by simulated and real training.
+
+    Returns ``(optimizer, update)`` with ``update(params, target_params, opt_state, batch) ->
+    (params, target_params, opt_state, LossInfo)``: the gradient of
+    :func:`~align_jax.methods.econ.losses.econ_loss` on ``batch`` (a
+    :class:`~align_jax.methods.econ.losses.Transition` with a leading B axis), global-norm
+    clipping (``tr.max_grad_norm`` > 0) and Adam (``tr.learning_rate``) on the parameters
+    raveled into one vector, then the soft target update ``thetabar <- tau theta + (1 - tau) thetabar``.
+    ``opt_state`` is ``optimizer.init(ravel_pytree(params)[0])``.  Pure; jit it or call it inside a jit.
+    """
+    optimizer = optax.adam(tr.learning_rate)
+    if tr.max_grad_norm > 0:
+        optimizer = optax.chain(optax.clip_by_global_norm(tr.max_grad_norm), optimizer)
+
+    def update(params: EconParams, target_params: EconParams, opt_state, batch: Transition):
+        (_, info), grads = jax.value_and_grad(econ_loss, has_aux=True)(params, target_params, nets, batch, tr)
+        # the optimiser works on one flat vector: a handful of ops instead of a few per tensor
+        flat, unravel = ravel_pytree(params)
+        updates, opt_state = optimizer.update(ravel_pytree(grads)[0], opt_state, flat)
+        new_flat = flat + updates
+        target_flat = optax.incremental_update(new_flat, ravel_pytree(target_params)[0], tr.tau)
+        return unravel(new_flat), unravel(target_flat), opt_state, info
+
+    return optimizer, update
+
+
 def make_trainer(config: EconConfig) -> EconTrainer:
     """Builds the jitted pure functions for ``config`` (see the module docstring)."""
     sim_cfg, net_cfg, tr = config.sim, config.network, config.train
@@ -218,9 +246,7 @@ def make_trainer(config: EconConfig) -> EconTrainer:
     nets = network_graphdefs(net_cfg, env.observation_dim, env.commitment_dim)
     grid = jnp.asarray(nets.grid, jnp.float32)  # [A, 2]
     buffer = make_replay_buffer(tr)
-    optimizer = optax.adam(tr.learning_rate)
-    if tr.max_grad_norm > 0:
-        optimizer = optax.chain(optax.clip_by_global_norm(tr.max_grad_norm), optimizer)
+    optimizer, apply_update = make_update(nets, tr)
 
     def to_action(index: jax.Array) -> Action:
         return Action(temperature=grid[index, 0], top_p=grid[index, 1])
@@ -268,19 +294,13 @@ def make_trainer(config: EconConfig) -> EconTrainer:
     def update(state: TrainState) -> tuple[TrainState, LossInfo, jax.Array]:
         key = jax.random.fold_in(jax.random.fold_in(state.key, 1), state.num_updates)
         batch = sample_batch(buffer, state.buffer_state, key)
-        (_, info), grads = jax.value_and_grad(econ_loss, has_aux=True)(
-            state.params, state.target_params, nets, batch, tr)
-        # the optimiser works on one flat vector: a handful of ops instead of a few per tensor
-        flat, unravel = ravel_pytree(state.params)
-        updates, opt_state = optimizer.update(ravel_pytree(grads)[0], state.opt_state, flat)
-        new_flat = flat + updates
-        target_flat = optax.incremental_update(new_flat, ravel_pytree(state.target_params)[0], tr.tau)
+        params, target_params, opt_state, info = apply_update(state.params, state.target_params,
+                                                              state.opt_state, batch)
         ready = buffer.can_sample(state.buffer_state)
-        state = state._replace(
-            params=unravel(jnp.where(ready, new_flat, flat)),
-            target_params=jax.tree.map(lambda a, b: jnp.where(ready, a, b), unravel(target_flat),
-                                       state.target_params),
-            opt_state=jax.tree.map(lambda a, b: jnp.where(ready, a, b), opt_state, state.opt_state))
+        keep = lambda a, b: jax.tree.map(lambda x, y: jnp.where(ready, x, y), a, b)  # noqa: E731
+        state = state._replace(params=keep(params, state.params),
+                               target_params=keep(target_params, state.target_params),
+                               opt_state=keep(opt_state, state.opt_state))
         return state, info, ready
 
     def period(_, state: TrainState) -> TrainState:

@@ -56,3 +56,17 @@ def trained_tiny():
     jax.block_until_ready(result)
     return dict(config=config, trainer=trainer, best=config.env.best_temperature, init=init, segment=segment,
                 evaluate=evaluate, final=final, result=result)
+
+
+@pytest.fixture(scope="session")
+def resumed(trained_tiny, tmp_path_factory):
+    """The tiny run killed after its first checkpoint (step 512), then rerun to the end (a
+    finished simulated run on disk, shared by the run, reason and real fine-tuning tests)."""
+    from align_jax.methods.econ.run import train_run
+
+    config = dataclasses.replace(known_best_config(str(tmp_path_factory.mktemp("econ_runs"))))
+    trainer = trained_tiny["trainer"]
+    first = train_run(config, progress=False, figures=False, stop_after_segments=1, trainer=trainer)
+    second = train_run(config, progress=False, figures=False, trainer=trainer)
+    # read now: a later test may clear JAX's caches
+    return dict(config=config, first=first, second=second, segment_cache_size=trained_tiny["segment"]._cache_size())

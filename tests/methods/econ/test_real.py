@@ -38,3 +38,38 @@ def test_real_pipeline_runs_end_to_end_on_the_tiny_model(tiny_checkpoint, tiny_p
     rows = run_econ_questions(tiny_pool, settings, questions, golds, fixed_policy(0.7, 0.9), jax.random.key(1))
     assert [r["rounds"] for r in rows] == [1, 1]
     assert all(r["temperatures"] == [[0.7, 0.7, 0.7]] or np.allclose(r["temperatures"], 0.7) for r in rows)
+
+
+def test_embedding_action_likelihood_is_the_cosine_to_the_commitment(tiny_checkpoint, tiny_pool):
+    """R_AL = <e(executor output), e(commitment response)> with the model's own embeddings; the
+    agreement and novelty of R_CC stay exact; the N + 1 embedding passes per round are billed."""
+    import pytest
+
+    settings = RealEconSettings(model=tiny_checkpoint, num_executors=3, max_rounds=2, strategy_tokens=8,
+                                executor_tokens=8, commit_tokens=8, action_likelihood="embedding")
+    questions = [q for q, _ in QUESTIONS[:2]]
+    golds = [a.split("####")[-1].strip() for _, a in QUESTIONS[:2]]
+    from align_jax.methods.econ.real import run_econ_questions
+
+    seen = []
+    real_embed = tiny_pool.embed
+
+    def spy(name, texts, **kw):
+        out = real_embed(name, texts, **kw)
+        seen.append((list(texts), out[0]))
+        return out
+
+    tiny_pool.embed = spy
+    try:
+        rows = run_econ_questions(tiny_pool, settings, questions, golds, fixed_policy(0.7, 0.9), jax.random.key(1))
+    finally:
+        del tiny_pool.embed
+    assert len(seen) == 2  # one round each (equal parameters), one call per question
+    for row, (texts, emb) in zip(rows, seen):
+        r_al = np.asarray(row["reward_components"])[0, :, 1]
+        np.testing.assert_allclose(r_al, emb[:3] @ emb[3], rtol=1e-5, atol=1e-6)
+        assert np.all(np.abs(r_al) <= 1.0)
+        # strategy + 3 executors + commitment, plus 3 + 1 embedding passes
+        assert row["cost"]["calls"] == 1 + (3 + 1) + (3 + 1)
+    with pytest.raises(ValueError, match="action_likelihood must be one of"):
+        RealEconSettings(model="m", action_likelihood="bleu")

@@ -37,16 +37,6 @@ def _snapshot(directory: Path) -> dict:
             for p in sorted(directory.rglob("*")) if p.is_file()}
 
 
-@pytest.fixture(scope="module")
-def resumed(trained_tiny, tmp_path_factory):
-    """The tiny run killed after its first checkpoint (step 512), then rerun to the end."""
-    config = dataclasses.replace(known_best_config(str(tmp_path_factory.mktemp("econ_runs"))))
-    trainer = trained_tiny["trainer"]
-    first = train_run(config, progress=False, figures=False, stop_after_segments=1, trainer=trainer)
-    second = train_run(config, progress=False, figures=False, trainer=trainer)
-    return dict(config=config, first=first, second=second)
-
-
 def test_resume_after_kill_equals_the_uninterrupted_run(trained_tiny, resumed):
     first, second = resumed["first"], resumed["second"]
     assert (first.finished, first.steps_run, first.resumed_from) == (False, 512, 0)
@@ -56,7 +46,7 @@ def test_resume_after_kill_equals_the_uninterrupted_run(trained_tiny, resumed):
     assert sorted(p.name for p in (directory / "checkpoints").iterdir()) == ["1024", "512", "settings.json"]
     assert (directory / "train_curve.csv").exists()
     # the compiled programs were shared with the uninterrupted run: nothing retraced
-    assert trained_tiny["segment"]._cache_size() == 1
+    assert resumed["segment_cache_size"] == 1
 
 
 def test_eval_writes_rows_and_summary_once(trained_tiny, resumed):
