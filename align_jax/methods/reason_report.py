@@ -77,7 +77,17 @@ def summarize(rows: Sequence[dict], config) -> dict:
         diff = correct["align"] - correct[other]
         low, high = bootstrap_interval(diff, indices)
         differences[f"align - {other}"] = {"mean": float(diff.mean()), "ci_low": low, "ci_high": high}
+    econ = [m for m in names if m.startswith("econ/")]
+    pairs = [(m, other) for m in econ for other in ("sc_pooled", "align", "debate") if other in correct]
+    pairs += [(m, other) for m in econ for other in ("econ/initial", "econ/fixed")
+              if m in ("econ/real", "econ/learned") and other in correct]
+    for m, other in pairs:  # ECON's comparisons (only in runs with an econ section)
+        diff = correct[m] - correct[other]
+        low, high = bootstrap_interval(diff, indices)
+        differences[f"{m} - {other}"] = {"mean": float(diff.mean()), "ci_low": low, "ci_high": high}
     summary["differences"] = differences
+    if not all(row.get("game") for row in rows):  # a run without ALIGN has no game
+        return _timings(summary, rows)
     game = [row["game"] for row in rows]
     regret = np.array([np.max(np.asarray(g["regret"]) / np.maximum(np.asarray(g["regret_bound"]), 1e-12))
                        for g in game])
@@ -91,6 +101,11 @@ def summarize(rows: Sequence[dict], config) -> dict:
         "no_answer_rate": float(np.mean([s["answer"] is None for row in rows for a in row["agents"]
                                          for s in a["samples"]])),
     }
+    return _timings(summary, rows)
+
+
+def _timings(summary: dict, rows: Sequence[dict]) -> dict:
+    """Adds math-verify failures and the wall times (per question, total, per stage) to ``summary``."""
     failures = int(sum(row.get("math_verify_failures") or 0 for row in rows))
     if failures:  # left out when none, so runs without failures reprint as before
         summary["math_verify_failures"] = failures
@@ -122,6 +137,7 @@ def summary_markdown(config, summary: dict) -> str:
         lines += ["", "| paired difference | mean | 95% CI |", "|---|---|---|"]
         for k, d in summary["differences"].items():
             lines.append(f"| {k} | {d['mean']:+.3f} | [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] |")
+    if "game" in summary:
         g = summary["game"]
         lines += ["", "ALIGN game diagnostics (means over questions): "
                   f"Nash gap {g['nash_gap']:.4f}, Pareto compliance {g['pareto_compliance']:.3f}, "
@@ -129,13 +145,14 @@ def summary_markdown(config, summary: dict) -> str:
                   f"corr(agent utility, principal score) {g['utility_correlation']:.3f}, "
                   f"distinct answers per agent {g['distinct_answers_per_agent']:.2f}, "
                   f"no-answer samples {g['no_answer_rate']:.3f}."]
+    if "wall_s_total" in summary:
         lines += ["", f"Wall time: {summary['wall_s_total']:.1f} s in windows "
                   f"({summary['wall_s_per_question']:.1f} s / question; by stage: "
                   + ", ".join(f"{k} {v:.0f} s" for k, v in summary["stage_wall_s_total"].items()) + "); "
                   f"intervals: {summary['bootstrap_samples']} paired bootstrap resamples of questions."]
-        if summary.get("math_verify_failures"):
-            lines += ["", f"math-verify could not decide {summary['math_verify_failures']} correctness checks "
-                          "(exception or time-out; counted as wrong; see the run's warnings)."]
+    if summary.get("math_verify_failures"):
+        lines += ["", f"math-verify could not decide {summary['math_verify_failures']} correctness checks "
+                      "(exception or time-out; counted as wrong; see the run's warnings)."]
     return "\n".join(lines) + "\n"
 
 

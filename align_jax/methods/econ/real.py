@@ -13,6 +13,12 @@ rows per round in ONE ``generate_chat`` call, each row with its own temperature 
     stop:     c_q^t = c_q^{t-1} (t >= 1), or Var_i(tau_i) + Var_i(p_i) < variance_threshold,
               or t = max_rounds - 1
 
+Hierarchical variant (``num_groups`` G > 1, the paper's scaling): G coordinators per question
+each write a strategy for their group of M = N / G executors and commit over that group's
+answers; a central LLM call sees the G group commitments and makes the commitment c_q^t
+(majority of the group commitments when its reply has no answer).  Calls per question:
+G strategies, then per round N executors + G group commitments + 1 central.
+
 The executors' observation is the simulator's layout (:func:`~align_jax.methods.econ.sim.observation_dim`):
 the difficulty and strategy views are unobserved (0) for real questions; the previous
 action, agreement with the previous commitment, the commitment features
@@ -57,6 +63,10 @@ STRATEGY_PROMPT = ("You coordinate a team solving a math problem. In at most two
                    "Problem: {question}")
 EXECUTOR_PROMPT = ("{question}\n\nCoordinator's strategy: {strategy}\n{commitment}"
                    "Please reason step by step, and put your final answer within \\boxed{{}}.")
+CENTRAL_PROMPT = ("Problem: {question}\n\nThe group coordinators committed to these answers:\n{answers}\n\n"
+                  "Which answer is correct? Reply with the final answer within \\boxed{{}}.")
+#: Round t's central commitment key is ``fold_in(key, CENTRAL_KEY + t)`` (hierarchical variant only).
+CENTRAL_KEY = 1000
 COMMIT_PROMPT = ("Problem: {question}\n\nThe executors proposed these answers:\n{answers}\n\n"
                  "Which answer is correct? Reply with the final answer within \\boxed{{}}.")
 
@@ -73,6 +83,9 @@ class RealEconSettings:
       strategy_tokens: the coordinator's strategy budget (paper: 50).
       executor_tokens, commit_tokens: generation budgets.
       coordinator_temperature: the coordinator's sampling temperature (top-p 0.95).
+      num_groups: G coordinators, each with its own strategy and commitment over a group of
+        M = N / G executors; for G > 1 a central LLM call combines the G group commitments
+        (the paper's hierarchical variant).
       action_likelihood: R_AL, ``"answer"`` (exact answer agreement) or ``"embedding"`` (cosine
         of the model's mean-pooled hidden states; see the module docstring).
     """
@@ -86,8 +99,11 @@ class RealEconSettings:
     commit_tokens: int = 64
     coordinator_temperature: float = 0.7
     action_likelihood: str = "answer"
+    num_groups: int = 1
 
     def __post_init__(self):
+        if self.num_groups < 1 or self.num_executors % self.num_groups:
+            raise ValueError(f"num_groups={self.num_groups} must be >= 1 and divide num_executors={self.num_executors}")
         if self.action_likelihood not in ACTION_LIKELIHOODS:
             raise ValueError(f"action_likelihood must be one of {', '.join(ACTION_LIKELIHOODS)}, "
                              f"got {self.action_likelihood!r}")
@@ -127,6 +143,18 @@ def _observations(n: int, max_rounds: int, round_: int, prev_action, prev_agree,
     return feats.astype(np.float32)
 
 
+def _committed(answers: Sequence[Optional[str]], reply: str) -> Optional[str]:
+    """A coordinator's commitment over ``answers``: the answer its ``reply`` states (an
+    executor's spelling when equivalent to one), else the majority answer, else None."""
+    k = len(answers)
+    ids = canonicalize(list(answers) + [extract_answer(reply)])
+    votes = [i for i in ids[:k] if i >= 0]
+    commit_id = ids[k] if ids[k] >= 0 else (max(set(votes), key=votes.count) if votes else -1)
+    if commit_id < 0:
+        return None
+    return answers[list(ids[:k]).index(commit_id)] if commit_id in ids[:k] else extract_answer(reply)
+
+
 def run_econ_questions(pool, settings: RealEconSettings, questions: Sequence[str], golds: Sequence[str],
                        policy: Callable, key: jax.Array) -> list[dict]:
     """Runs ECON on Q questions (see the module docstring); one row per question.
@@ -155,9 +183,13 @@ def run_econ_questions(pool, settings: RealEconSettings, questions: Sequence[str
                 cost[owner] += (1, int(out.tokens[row].sum()), int(out.prompt_tokens[row]))
         return [texts[0] for texts in out.texts]
 
-    strategies = generate([[{"role": "user", "content": STRATEGY_PROMPT.replace("{question}", q)}] for q in questions],
+    g_num, m = settings.num_groups, n // settings.num_groups
+    # G strategies per question (q-major): coordinator g's strategy guides executors g M .. (g + 1) M - 1
+    strategies = generate([[{"role": "user", "content": STRATEGY_PROMPT.replace("{question}", q)}]
+                           for q in questions for _ in range(g_num)],
                           jax.random.fold_in(key, 0), settings.strategy_tokens,
-                          np.full(q_num, settings.coordinator_temperature), np.full(q_num, 0.95), range(q_num))
+                          np.full(q_num * g_num, settings.coordinator_temperature), np.full(q_num * g_num, 0.95),
+                          [q for q in range(q_num) for _ in range(g_num)])
     active = np.ones(q_num, bool)
     commitments: list[list[Optional[str]]] = [[] for _ in range(q_num)]
     temps: list[list[list[float]]] = [[] for _ in range(q_num)]
@@ -178,35 +210,49 @@ def run_econ_questions(pool, settings: RealEconSettings, questions: Sequence[str
         for q in range(q_num):  # every row every round (static batch shape); finished questions are not billed
             previous = commitments[q][-1] if commitments[q] else None
             note = f"Coordinator's previous commitment: {previous}\n" if previous is not None else ""
-            text = EXECUTOR_PROMPT.format(question=questions[q], strategy=strategies[q].strip(), commitment=note)
-            conversations += [[{"role": "user", "content": text}]] * n
+            for i in range(n):
+                text = EXECUTOR_PROMPT.format(question=questions[q], strategy=strategies[q * g_num + i // m].strip(),
+                                              commitment=note)
+                conversations.append([{"role": "user", "content": text}])
             owners += [q if active[q] else -1] * n
         texts = generate(conversations, jax.random.fold_in(key, 2 * t + 1), settings.executor_tokens,
                          temperature.reshape(-1), top_p.reshape(-1), owners)
         answers = [[extract_answer(texts[q * n + i]) for i in range(n)] for q in range(q_num)]
-        listing = ["\n".join(f"Executor {i + 1}: {a if a is not None else '(no answer)'}" for i, a in enumerate(row))
-                   for row in answers]
-        commit_texts = generate([[{"role": "user", "content": COMMIT_PROMPT.format(question=questions[q],
-                                                                                   answers=listing[q])}]
-                                 for q in range(q_num)], jax.random.fold_in(key, 2 * t + 2), settings.commit_tokens,
-                                np.full(q_num, settings.coordinator_temperature), np.full(q_num, 0.95),
-                                [q if active[q] else -1 for q in range(q_num)])
+        listing = ["\n".join(f"Executor {i + 1}: {answers[q][i] if answers[q][i] is not None else '(no answer)'}"
+                             for i in range(g * m, (g + 1) * m)) for q in range(q_num) for g in range(g_num)]
+        replies = generate([[{"role": "user", "content": COMMIT_PROMPT.format(question=questions[j // g_num],
+                                                                              answers=listing[j])}]
+                            for j in range(q_num * g_num)], jax.random.fold_in(key, 2 * t + 2), settings.commit_tokens,
+                           np.full(q_num * g_num, settings.coordinator_temperature), np.full(q_num * g_num, 0.95),
+                           [q if active[q] else -1 for q in range(q_num) for _ in range(g_num)])
+        group_commit = [[_committed(answers[q][g * m:(g + 1) * m], replies[q * g_num + g]) for g in range(g_num)]
+                        for q in range(q_num)]
+        if g_num == 1:
+            final_replies = replies
+            final = [group_commit[q][0] for q in range(q_num)]
+        else:  # the central LLM combines the G group commitments
+            central = ["\n".join(f"Group {g + 1}: {c if c is not None else '(no answer)'}"
+                                 for g, c in enumerate(group_commit[q])) for q in range(q_num)]
+            final_replies = generate([[{"role": "user", "content": CENTRAL_PROMPT.format(question=questions[q],
+                                                                                         answers=central[q])}]
+                                      for q in range(q_num)], jax.random.fold_in(key, CENTRAL_KEY + t),
+                                     settings.commit_tokens, np.full(q_num, settings.coordinator_temperature),
+                                     np.full(q_num, 0.95), [q if active[q] else -1 for q in range(q_num)])
+            final = [_committed(group_commit[q], final_replies[q]) for q in range(q_num)]
         for q in range(q_num):
             if not active[q]:
                 continue
             row = answers[q]
-            ids = canonicalize(list(row) + [extract_answer(commit_texts[q])])
-            votes = [i for i in ids[:n] if i >= 0]
-            commit_id = ids[n] if ids[n] >= 0 else (max(set(votes), key=votes.count) if votes else -1)
-            commitment = (row[list(ids[:n]).index(commit_id)] if commit_id in ids[:n]
-                          else extract_answer(commit_texts[q])) if commit_id >= 0 else None
+            commitment = final[q]
+            ids = canonicalize(list(row) + [commitment])
+            commit_id = ids[n] if commitment is not None else -1
             agree = np.array([float(commit_id >= 0 and i == commit_id) for i in ids[:n]])
             others = np.array([sum(ids[j] == ids[i] for j in range(n) if j != i) for i in range(n)], float)
             novelty = 1.0 - others / max(n - 1, 1)
             correct = np.array([float(a is not None and is_correct(a, golds[q])) for a in row])
             likelihood = agree
             if settings.action_likelihood == "embedding":
-                emb, spent = pool.embed(model, texts[q * n:(q + 1) * n] + [commit_texts[q]])
+                emb, spent = pool.embed(model, texts[q * n:(q + 1) * n] + [final_replies[q]])
                 cost[q] += (spent.calls, 0, spent.prompt_tokens)
                 likelihood = np.clip(emb[:n] @ emb[n], -1.0, 1.0)
             rewards[q].append(np.stack([correct, likelihood, 0.5 * (agree + novelty)], 1).tolist())

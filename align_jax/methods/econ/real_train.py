@@ -86,7 +86,7 @@ class FinetuneState(NamedTuple):
 def real_settings(config: EconConfig) -> RealEconSettings:
     """The real pipeline's settings from ``config.real`` (N and T of the simulated run)."""
     real = _section(config)
-    return RealEconSettings(model=real.model, num_executors=config.sim.num_executors,
+    return RealEconSettings(model=real.model, num_executors=config.sim.num_executors, num_groups=config.sim.num_groups,
                             max_rounds=config.sim.max_rounds, variance_threshold=real.variance_threshold,
                             strategy_tokens=real.strategy_tokens, executor_tokens=real.executor_tokens,
                             commit_tokens=real.commit_tokens, coordinator_temperature=real.coordinator_temperature,

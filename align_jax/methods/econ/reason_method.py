@@ -165,6 +165,7 @@ class EconMethod:
         networks, learned, initial = _policies(str(Path(section.config).resolve()), section.seed_index)
         settings = RealEconSettings(
             model=section.model or window.agents[0].model, num_executors=trained.sim.num_executors,
+            num_groups=trained.sim.num_groups,
             max_rounds=trained.sim.max_rounds, variance_threshold=section.variance_threshold,
             strategy_tokens=section.strategy_tokens, executor_tokens=section.executor_tokens,
             commit_tokens=section.commit_tokens, coordinator_temperature=section.coordinator_temperature)

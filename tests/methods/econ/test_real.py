@@ -73,3 +73,43 @@ def test_embedding_action_likelihood_is_the_cosine_to_the_commitment(tiny_checkp
         assert row["cost"]["calls"] == 1 + (3 + 1) + (3 + 1)
     with pytest.raises(ValueError, match="action_likelihood must be one of"):
         RealEconSettings(model="m", action_likelihood="bleu")
+
+
+def test_hierarchical_variant_commits_through_a_central_call(tiny_checkpoint, tiny_pool):
+    """N = 4 executors under G = 2 coordinators: 2 strategies, per round 4 executors + 2 group
+    commitments + 1 central call; executors of group g see coordinator g's strategy."""
+    import pytest
+
+    settings = RealEconSettings(model=tiny_checkpoint, num_executors=4, num_groups=2, max_rounds=2,
+                                strategy_tokens=8, executor_tokens=8, commit_tokens=8)
+    questions = [q for q, _ in QUESTIONS[:2]]
+    golds = [a.split("####")[-1].strip() for _, a in QUESTIONS[:2]]
+    from align_jax.methods.econ.real import run_econ_questions
+
+    prompts = []
+    real_generate = tiny_pool.generate_chat
+
+    outputs = []
+
+    def spy(name, conversations, **kw):
+        prompts.append([c[0]["content"] for c in conversations])
+        out = real_generate(name, conversations, **kw)
+        outputs.append([texts[0] for texts in out.texts])
+        return out
+
+    tiny_pool.generate_chat = spy
+    try:
+        rows = run_econ_questions(tiny_pool, settings, questions, golds, fixed_policy(0.7, 0.9), jax.random.key(2))
+    finally:
+        del tiny_pool.generate_chat
+    # strategies (Q x G), executors (Q x N), group commitments (Q x G), central (Q); one round (equal parameters)
+    assert [len(p) for p in prompts] == [4, 8, 4, 2]
+    assert all("group coordinators committed" in p for p in prompts[3])
+    for q in range(2):
+        executors = prompts[1][4 * q:4 * q + 4]
+        strategy = [s.strip() for s in outputs[0][2 * q:2 * q + 2]]
+        assert all(f"Coordinator's strategy: {strategy[i // 2]}" in executors[i] for i in range(4))
+    for row in rows:
+        assert row["rounds"] == 1 and row["cost"]["calls"] == 2 + (4 + 2 + 1)
+    with pytest.raises(ValueError, match="num_groups=3 must be >= 1 and divide num_executors=4"):
+        RealEconSettings(model="m", num_executors=4, num_groups=3)

@@ -122,12 +122,17 @@ def test_real_policy_in_a_reason_econ_section(real_config, finetuned, tiny_check
 
     econ_yaml = tmp_path / "econ.yaml"
     econ_yaml.write_text(yaml.safe_dump(config_to_dict(real_config)))
-    econ = dict(config=str(econ_yaml), policies=["real"], strategy_tokens=6, executor_tokens=8, commit_tokens=6)
+    econ = dict(config=str(econ_yaml), policies=["real", "initial"], strategy_tokens=6, executor_tokens=8,
+                commit_tokens=6)
     config = tiny_reason_config(tiny_checkpoint, tiny_data_dir, tmp_path / "runs", limit=1, methods=["econ"],
                                 greedy=False, debate=dict(rounds=0), econ=econ)
     report = reason.run_reason(config, progress=False, figures=False, pool=tiny_pool)
-    assert set(report.rows[0]["methods"]) == {"econ/real"}
+    assert set(report.rows[0]["methods"]) == {"econ/real", "econ/initial"}
     assert 1 <= report.rows[0]["econ"]["real"]["rounds"] <= real_config.sim.max_rounds
+    # the summary pairs the fine-tuned policy with ECON without BNE (paired bootstrap over questions)
+    diff = report.summary["differences"]["econ/real - econ/initial"]
+    real, initial = (report.rows[0]["methods"][m]["correct"] for m in ("econ/real", "econ/initial"))
+    assert diff["mean"] == pytest.approx(real - initial)
 
 
 @pytest.mark.parametrize("changes,pattern", [
