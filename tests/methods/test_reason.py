@@ -355,8 +355,7 @@ def test_undecided_math_verify_checks_are_counted_in_rows_and_summary(tiny_check
     assert "math-verify could not decide 2 correctness checks" in (report.directory / "summary.md").read_text()
 
 
-@pytest.mark.parametrize("name,dataset", [("reason_gsmhard_50.yaml", "gsm-hard"), ("reason_math500_50.yaml", "math500"),
-                                          ("reason_econ_gsm8k_50.yaml", "gsm8k")])
+@pytest.mark.parametrize("name,dataset", [("reason_gsmhard_50.yaml", "gsm-hard"), ("reason_math500_50.yaml", "math500")])
 def test_the_dataset_study_configs_load_with_the_pot_principal(name, dataset):
     from align_jax.data.datasets import DatasetError, resolve_data_dir
 
@@ -367,6 +366,21 @@ def test_the_dataset_study_configs_load_with_the_pot_principal(name, dataset):
     config = reason.load_reason_config(REPO / "configs" / name)
     assert config.dataset == dataset and config.limit == 50 and config.principal.type == "pot"
     assert len(config.agents) == 3 and config.output_dir == "docs/results"
+
+
+def test_the_econ_study_configs_load_with_the_econ_method_only():
+    from align_jax.data.datasets import DatasetError, resolve_data_dir
+    from align_jax.methods.reason_config import enabled_methods
+
+    try:
+        resolve_data_dir(None)
+    except DatasetError:
+        pytest.skip("needs the data directory ($ALIGN_JAX_DATA_DIR)")
+    for name, limit, policies in (("reason_econ_gsm8k_50.yaml", 50, ["real", "initial", "fixed"]),
+                                  ("reason_econ_small.yaml", 20, ["real", "initial"])):
+        config = reason.load_reason_config(REPO / "configs" / name)
+        assert config.dataset == "gsm8k" and config.limit == limit and config.econ.policies == policies
+        assert "econ" in [m.name for m in enabled_methods(config)]
 
 
 def _summary(methods, differences=None, questions=10):
