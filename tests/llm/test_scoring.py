@@ -117,7 +117,7 @@ def test_text_embeddings_are_the_unit_mean_of_the_hidden_states(tiny_qwen2_model
     assert emb.shape == (4, tiny_qwen2_model.config.hidden_size) and emb.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(emb, axis=1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(emb[0], emb[2], rtol=1e-5, atol=1e-6)
-    for i, text in enumerate(texts):
+    for i, text in list(enumerate(texts))[:2]:  # the reference, eagerly, on two of them
         ids = jnp.asarray([tiny_tokenizer.encode(text)], jnp.int32)
         h, _ = tiny_qwen2_model.hidden_states(ids, jnp.arange(ids.shape[1])[None], None, 0,
                                               jnp.ones(ids.shape, bool))

@@ -33,6 +33,7 @@ question).  Files: ``<run dir>/real/`` with ``checkpoints/``, ``episodes.jsonl``
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 from pathlib import Path
@@ -104,10 +105,8 @@ def explore_policy(nets: EconNetworks, params: EconParams, epsilon: float, key: 
     """``obs [Q, N, F] -> (temperature [Q, N], top_p [Q, N])``: each executor's greedy grid action
     w.r.t. its local Q, replaced by a uniform one with probability ``epsilon`` (round r draws
     from ``fold_in(key, r)``).  Appends each round's grid indices [Q, N] to ``record``."""
-    from align_jax.methods.econ.train import greedy_actions
-
     grid = np.asarray(nets.grid, np.float32)
-    greedy = jax.jit(lambda p, o: greedy_actions(nets, p, o))
+    greedy = _greedy_program(nets)
 
     def act(obs):
         k_u, k_a = jax.random.split(jax.random.fold_in(key, len(record)))
@@ -119,6 +118,14 @@ def explore_policy(nets: EconNetworks, params: EconParams, epsilon: float, key: 
         return grid[index, 0], grid[index, 1]
 
     return act
+
+
+@functools.lru_cache(maxsize=8)
+def _greedy_program(nets: EconNetworks) -> Callable:
+    """``(params, obs [Q, N, F]) -> [Q, N]`` greedy grid actions, jitted once per networks."""
+    from align_jax.methods.econ.train import greedy_actions
+
+    return jax.jit(lambda p, o: greedy_actions(nets, p, o))
 
 
 def episode_transitions(rows: list[dict], indices: list[np.ndarray], weights) -> Transition:
@@ -155,6 +162,7 @@ def episode_transitions(rows: list[dict], indices: list[np.ndarray], weights) ->
     return Transition(**{k: np.stack(v) for k, v in out.items()})
 
 
+@functools.lru_cache(maxsize=4)
 def make_finetune(config: EconConfig, nets: EconNetworks) -> tuple[Callable, Callable]:
     """``(init, train_on)`` for ``config``:
 
@@ -162,7 +170,8 @@ def make_finetune(config: EconConfig, nets: EconNetworks) -> tuple[Callable, Cal
     ``train_on(state, key) -> (state, LossInfo of the last update)``: ``updates_per_batch``
     updates (:func:`~align_jax.methods.econ.train.make_update`) on minibatches of
     ``train.batch_size`` drawn uniformly from the first ``count`` transitions (one jit, a
-    ``lax.scan`` over the updates; update u uses ``fold_in(key, u)``).
+    ``lax.scan`` over the updates; update u uses ``fold_in(key, u)``).  Built once per
+    (config, networks), so a resumed run in the same process reuses the compiled update.
     """
     from align_jax.methods.econ.train import make_update
 
@@ -227,8 +236,10 @@ def _checkpointer(config: EconConfig) -> Checkpointer:
                         config=json.loads(json.dumps(config_to_dict(config))), max_to_keep=2)
 
 
+@functools.lru_cache(maxsize=4)
 def _template(config: EconConfig, seed_index: int):
-    """``(networks, FinetuneState at batch 0, init, train_on)`` from the finished simulated run."""
+    """``(networks, FinetuneState at batch 0, train_on)`` from the finished simulated run (restored
+    once per process and config: the simulated run is final once finished)."""
     from align_jax.methods.econ.run import trained_policies
 
     nets, learned, _ = trained_policies(config, seed_index)
@@ -250,11 +261,12 @@ def finetuned_params(config: EconConfig, seed_index: int = 0) -> tuple[EconNetwo
 
 
 def finetune_run(config: EconConfig, *, pool=None, seed_index: int = 0, progress: bool = True,
-                 stop_after: Optional[int] = None) -> FinetuneState:
+                 figures: bool = True, stop_after: Optional[int] = None) -> FinetuneState:
     """Fine-tunes the finished simulated run of ``config`` on real episodes (module docstring);
     resumes from the last checkpoint.  ``pool`` defaults to a
     :class:`~align_jax.methods.candidates.ModelPool` at ``real.param_dtype``; ``stop_after``
-    stops after that many batches of this call (tests: a kill between checkpoints)."""
+    stops after that many batches of this call (tests: a kill between checkpoints); ``figures``
+    draws ``curve.png`` next to ``curve.csv``."""
     from align_jax.data import datasets as datasets_lib
     from align_jax.methods.candidates import ModelPool
 
@@ -289,7 +301,7 @@ def finetune_run(config: EconConfig, *, pool=None, seed_index: int = 0, progress
             done_now += 1
             bar.advance(task)
     if int(state.batches) == real.num_batches:
-        _write_curve(finetune_dir(config), np.asarray(state.curve))
+        _write_curve(finetune_dir(config), np.asarray(state.curve), figures)
     return state
 
 
@@ -312,15 +324,17 @@ def _episode_batch(state: FinetuneState, b: int, chunk, nets, train_on, pool, se
     return state, rows
 
 
-def _write_curve(directory: Path, curve: np.ndarray) -> None:
+def _write_curve(directory: Path, curve: np.ndarray, figures: bool = True) -> None:
+    lines = ["batch," + ",".join(CURVE_FIELDS)] + [f"{b}," + ",".join(f"{x:.6g}" for x in row)
+                                                   for b, row in enumerate(curve)]
+    atomic_write(directory / "curve.csv", "\n".join(lines) + "\n")
+    if not figures:
+        return
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lines = ["batch," + ",".join(CURVE_FIELDS)] + [f"{b}," + ",".join(f"{x:.6g}" for x in row)
-                                                   for b, row in enumerate(curve)]
-    atomic_write(directory / "curve.csv", "\n".join(lines) + "\n")
     fig, axes = plt.subplots(1, 3, figsize=(11, 3))
     x = np.arange(len(curve))
     for ax, col, label in zip(axes, (1, 3, 5), ("commitment accuracy (training batch)", "mean temperature",

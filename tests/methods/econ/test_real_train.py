@@ -63,12 +63,12 @@ def real_config(resumed, tiny_checkpoint, tiny_data_dir, tmp_path_factory):
 @pytest.fixture(scope="module")
 def finetuned(real_config, tiny_pool):
     """Killed after its first batch and rerun, then the same from scratch uninterrupted."""
-    first = finetune_run(real_config, pool=tiny_pool, progress=False, stop_after=1)
+    first = finetune_run(real_config, pool=tiny_pool, progress=False, figures=False, stop_after=1)
     rows_after_kill = (finetune_dir(real_config) / "results.jsonl").read_text().splitlines()
-    resumed_state = finetune_run(real_config, pool=tiny_pool, progress=False)
+    resumed_state = finetune_run(real_config, pool=tiny_pool, progress=False, figures=False)
     rows = (finetune_dir(real_config) / "results.jsonl").read_text().splitlines()
     shutil.rmtree(finetune_dir(real_config))
-    fresh = finetune_run(real_config, pool=tiny_pool, progress=False)
+    fresh = finetune_run(real_config, pool=tiny_pool, progress=False, figures=False)
     return dict(first=first, resumed=resumed_state, fresh=fresh, rows_after_kill=rows_after_kill, rows=rows)
 
 
@@ -122,17 +122,17 @@ def test_real_policy_in_a_reason_econ_section(real_config, finetuned, tiny_check
 
     econ_yaml = tmp_path / "econ.yaml"
     econ_yaml.write_text(yaml.safe_dump(config_to_dict(real_config)))
-    econ = dict(config=str(econ_yaml), policies=["real", "initial"], strategy_tokens=6, executor_tokens=8,
+    econ = dict(config=str(econ_yaml), policies=["real", "fixed"], strategy_tokens=6, executor_tokens=8,
                 commit_tokens=6)
     config = tiny_reason_config(tiny_checkpoint, tiny_data_dir, tmp_path / "runs", limit=1, methods=["econ"],
                                 greedy=False, debate=dict(rounds=0), econ=econ)
     report = reason.run_reason(config, progress=False, figures=False, pool=tiny_pool)
-    assert set(report.rows[0]["methods"]) == {"econ/real", "econ/initial"}
+    assert set(report.rows[0]["methods"]) == {"econ/real", "econ/fixed"}
     assert 1 <= report.rows[0]["econ"]["real"]["rounds"] <= real_config.sim.max_rounds
-    # the summary pairs the fine-tuned policy with ECON without BNE (paired bootstrap over questions)
-    diff = report.summary["differences"]["econ/real - econ/initial"]
-    real, initial = (report.rows[0]["methods"][m]["correct"] for m in ("econ/real", "econ/initial"))
-    assert diff["mean"] == pytest.approx(real - initial)
+    # the summary pairs the fine-tuned policy with the baselines (paired bootstrap over questions)
+    diff = report.summary["differences"]["econ/real - econ/fixed"]
+    real, fixed = (report.rows[0]["methods"][m]["correct"] for m in ("econ/real", "econ/fixed"))
+    assert diff["mean"] == pytest.approx(real - fixed)
 
 
 @pytest.mark.parametrize("changes,pattern", [
