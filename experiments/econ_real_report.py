@@ -24,6 +24,7 @@ import collections
 import dataclasses
 import importlib.util
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +35,7 @@ PAPER_TOKENS = {"econ": 4200, "debate": 12500}  # ECON paper: tokens per questio
 def _pot_replay_module():
     spec = importlib.util.spec_from_file_location("pot_replay", Path(__file__).with_name("pot_replay.py"))
     module = importlib.util.module_from_spec(spec)
+    sys.modules["pot_replay"] = module  # dataclasses look their module up while the file executes
     spec.loader.exec_module(module)
     return module
 
