@@ -47,23 +47,8 @@ def test_embedding_action_likelihood_is_the_cosine_to_the_commitment(tiny_checkp
 
     settings = RealEconSettings(model=tiny_checkpoint, num_executors=3, max_rounds=2, strategy_tokens=8,
                                 executor_tokens=8, commit_tokens=8, action_likelihood="embedding")
-    questions = [q for q, _ in QUESTIONS[:2]]
-    golds = [a.split("####")[-1].strip() for _, a in QUESTIONS[:2]]
-    from align_jax.methods.econ.real import run_econ_questions
-
     seen = []
-    real_embed = tiny_pool.embed
-
-    def spy(name, texts, **kw):
-        out = real_embed(name, texts, **kw)
-        seen.append((list(texts), out[0]))
-        return out
-
-    tiny_pool.embed = spy
-    try:
-        rows = run_econ_questions(tiny_pool, settings, questions, golds, fixed_policy(0.7, 0.9), jax.random.key(1))
-    finally:
-        del tiny_pool.embed
+    rows = _run_recording(tiny_pool, "embed", lambda texts, out: seen.append((list(texts), out[0])), settings, 1)
     assert len(seen) == 2  # one round each (equal parameters), one call per question
     for row, (texts, emb) in zip(rows, seen):
         r_al = np.asarray(row["reward_components"])[0, :, 1]
@@ -82,26 +67,13 @@ def test_hierarchical_variant_commits_through_a_central_call(tiny_checkpoint, ti
 
     settings = RealEconSettings(model=tiny_checkpoint, num_executors=4, num_groups=2, max_rounds=2,
                                 strategy_tokens=8, executor_tokens=8, commit_tokens=8)
-    questions = [q for q, _ in QUESTIONS[:2]]
-    golds = [a.split("####")[-1].strip() for _, a in QUESTIONS[:2]]
-    from align_jax.methods.econ.real import run_econ_questions
+    prompts, outputs = [], []
 
-    prompts = []
-    real_generate = tiny_pool.generate_chat
-
-    outputs = []
-
-    def spy(name, conversations, **kw):
+    def record(conversations, out):
         prompts.append([c[0]["content"] for c in conversations])
-        out = real_generate(name, conversations, **kw)
         outputs.append([texts[0] for texts in out.texts])
-        return out
 
-    tiny_pool.generate_chat = spy
-    try:
-        rows = run_econ_questions(tiny_pool, settings, questions, golds, fixed_policy(0.7, 0.9), jax.random.key(2))
-    finally:
-        del tiny_pool.generate_chat
+    rows = _run_recording(tiny_pool, "generate_chat", record, settings, 2)
     # strategies (Q x G), executors (Q x N), group commitments (Q x G), central (Q); one round (equal parameters)
     assert [len(p) for p in prompts] == [4, 8, 4, 2]
     assert all("group coordinators committed" in p for p in prompts[3])
@@ -113,3 +85,24 @@ def test_hierarchical_variant_commits_through_a_central_call(tiny_checkpoint, ti
         assert row["rounds"] == 1 and row["cost"]["calls"] == 2 + (4 + 2 + 1)
     with pytest.raises(ValueError, match="num_groups=3 must be >= 1 and divide num_executors=4"):
         RealEconSettings(model="m", num_executors=4, num_groups=3)
+
+
+def _run_recording(pool, method: str, record, settings, seed: int):
+    """ECON on the first two questions with the fixed policy, ``pool.<method>`` wrapped so that
+    ``record(inputs, output)`` sees every call."""
+    from align_jax.methods.econ.real import run_econ_questions
+
+    original = getattr(pool, method)
+
+    def spy(name, items, **kw):
+        out = original(name, items, **kw)
+        record(items, out)
+        return out
+
+    setattr(pool, method, spy)
+    try:
+        return run_econ_questions(pool, settings, [q for q, _ in QUESTIONS[:2]],
+                                  [a.split("####")[-1].strip() for _, a in QUESTIONS[:2]], fixed_policy(0.7, 0.9),
+                                  jax.random.key(seed))
+    finally:
+        delattr(pool, method)
