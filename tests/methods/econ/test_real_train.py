@@ -1,6 +1,9 @@
 """Real fine-tuning of ECON's belief networks (align_jax.methods.econ.real_train) on the tiny
 random model: transitions from real episodes, TD updates, resume after a kill equal to the
-uninterrupted run, the fine-tuned policy in a reason run's econ section, bad input."""
+uninterrupted run, the fine-tuned policy in a reason run's econ section, bad input.
+
+The fine-tuning runs (about 50 s on 2 cores) are marked slow: ``python -m pytest -m slow
+tests/methods/econ/test_real_train.py`` (tiny model, no model package needed)."""
 
 from __future__ import annotations
 
@@ -72,6 +75,7 @@ def finetuned(real_config, tiny_pool):
     return dict(first=first, resumed=resumed_state, fresh=fresh, rows_after_kill=rows_after_kill, rows=rows)
 
 
+@pytest.mark.slow
 def test_fine_tuning_collects_real_transitions_and_updates(real_config, finetuned):
     state = finetuned["fresh"]
     assert int(state.batches) == 2
@@ -92,12 +96,14 @@ def test_fine_tuning_collects_real_transitions_and_updates(real_config, finetune
     assert (finetune_dir(real_config) / "curve.csv").exists()
 
 
+@pytest.mark.slow
 def test_resume_after_kill_equals_the_uninterrupted_fine_tuning(finetuned):
     assert int(finetuned["first"].batches) == 1 and len(finetuned["rows_after_kill"]) == 1
     _tree_equal(finetuned["resumed"], finetuned["fresh"])
     assert len(finetuned["rows"]) == 2  # nothing lost or written twice
 
 
+@pytest.mark.slow
 def test_finetuned_params_restore_and_refuse_unfinished(real_config, finetuned, tmp_path):
     _, params = finetuned_params(real_config)
     _tree_equal(params, finetuned["fresh"].params)
@@ -111,6 +117,7 @@ def test_finetuned_params_restore_and_refuse_unfinished(real_config, finetuned, 
         finetuned_params(other)
 
 
+@pytest.mark.slow
 def test_real_policy_in_a_reason_econ_section(real_config, finetuned, tiny_checkpoint, tiny_data_dir, tiny_pool,
                                               tmp_path):
     import yaml
