@@ -46,6 +46,7 @@ from align_jax.methods.econ.networks import EconNetworks, EconParams, agent_forw
 
 __all__ = [
     "Transition",
+    "zero_transitions",
     "LossInfo",
     "combine_rewards",
     "td_target",
@@ -80,6 +81,14 @@ class Transition(NamedTuple):
     done: jax.Array
     mask: jax.Array
     commit_features: jax.Array
+
+
+def zero_transitions(num_executors: int, obs_dim: int, commit_dim: int, batch: tuple[int, ...] = ()) -> Transition:
+    """An all-zero :class:`Transition` with leading axes ``batch`` (a buffer's example or storage)."""
+    n, f, b = num_executors, obs_dim, tuple(batch)
+    return Transition(obs=jnp.zeros(b + (n, f)), action=jnp.zeros(b + (n,), jnp.int32),
+                      local_reward=jnp.zeros(b + (n,)), team_reward=jnp.zeros(b), next_obs=jnp.zeros(b + (n, f)),
+                      done=jnp.zeros(b), mask=jnp.zeros(b + (n,)), commit_features=jnp.zeros(b + (commit_dim,)))
 
 
 class LossInfo(NamedTuple):

@@ -43,6 +43,7 @@ cost (model calls, generated and prompt tokens), the fields of a reason row's me
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Callable, Optional, Sequence
 
 import jax
@@ -55,7 +56,7 @@ from align_jax.methods.econ.networks import EconNetworks, EconParams
 from align_jax.methods.econ.sim import COMMITMENT_DIM, normalise_action, observation_dim
 from align_jax.methods.econ.config import SimConfig
 
-__all__ = ["RealEconSettings", "ACTION_LIKELIHOODS", "STRATEGY_PROMPT", "COMMIT_PROMPT", "belief_policy", "fixed_policy",
+__all__ = ["RealEconSettings", "ACTION_LIKELIHOODS", "STRATEGY_PROMPT", "COMMIT_PROMPT", "belief_policy", "greedy_program", "fixed_policy",
            "run_econ_questions", "real_observation_dim"]
 
 STRATEGY_PROMPT = ("You coordinate a team solving a math problem. In at most two sentences, give a strategy "
@@ -113,19 +114,26 @@ class RealEconSettings:
 ACTION_LIKELIHOODS = ("answer", "embedding")
 
 
+@functools.lru_cache(maxsize=8)
+def greedy_program(nets: EconNetworks) -> Callable:
+    """``(params, obs [B, N, F]) -> [B, N]`` greedy grid actions, jitted once per networks (so every
+    policy and window of a run shares one compiled program per batch shape)."""
+    from align_jax.methods.econ.train import greedy_actions
+
+    return jax.jit(lambda p, o: greedy_actions(nets, p, o))
+
+
 def belief_policy(nets: EconNetworks, params: EconParams) -> Callable:
     """``obs [B, N, F] -> (temperature [B, N], top_p [B, N])``, greedy w.r.t. the belief networks'
     local Q (one jitted forward per round)."""
-    from align_jax.methods.econ.train import greedy_actions
+    grid = np.asarray(nets.grid, np.float32)
+    greedy = greedy_program(nets)
 
-    grid = jnp.asarray(nets.grid, jnp.float32)
-
-    @jax.jit
     def act(obs):
-        index = greedy_actions(nets, params, obs)
+        index = np.asarray(greedy(params, jnp.asarray(obs, jnp.float32)))
         return grid[index, 0], grid[index, 1]
 
-    return lambda obs: tuple(np.asarray(x) for x in act(jnp.asarray(obs, jnp.float32)))
+    return act
 
 
 def fixed_policy(temperature: float, top_p: float) -> Callable:

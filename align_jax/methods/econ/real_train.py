@@ -49,9 +49,9 @@ from align_jax.runio import atomic_write
 from align_jax.config import ConfigError, config_to_dict
 from align_jax.methods.econ.checkpoint import Checkpointer
 from align_jax.methods.econ.config import EconConfig, RealTrainSettings, reward_weight_vector
-from align_jax.methods.econ.losses import LossInfo, Transition
+from align_jax.methods.econ.losses import LossInfo, Transition, zero_transitions
 from align_jax.methods.econ.networks import EconNetworks, EconParams
-from align_jax.methods.econ.real import RealEconSettings, run_econ_questions
+from align_jax.methods.econ.real import RealEconSettings, greedy_program, run_econ_questions
 from align_jax.methods.econ.sim import COMMITMENT_DIM
 
 __all__ = ["FinetuneState", "CURVE_FIELDS", "real_settings", "explore_policy", "episode_transitions",
@@ -106,7 +106,7 @@ def explore_policy(nets: EconNetworks, params: EconParams, epsilon: float, key: 
     w.r.t. its local Q, replaced by a uniform one with probability ``epsilon`` (round r draws
     from ``fold_in(key, r)``).  Appends each round's grid indices [Q, N] to ``record``."""
     grid = np.asarray(nets.grid, np.float32)
-    greedy = _greedy_program(nets)
+    greedy = greedy_program(nets)
 
     def act(obs):
         k_u, k_a = jax.random.split(jax.random.fold_in(key, len(record)))
@@ -118,14 +118,6 @@ def explore_policy(nets: EconNetworks, params: EconParams, epsilon: float, key: 
         return grid[index, 0], grid[index, 1]
 
     return act
-
-
-@functools.lru_cache(maxsize=8)
-def _greedy_program(nets: EconNetworks) -> Callable:
-    """``(params, obs [Q, N, F]) -> [Q, N]`` greedy grid actions, jitted once per networks."""
-    from align_jax.methods.econ.train import greedy_actions
-
-    return jax.jit(lambda p, o: greedy_actions(nets, p, o))
 
 
 def episode_transitions(rows: list[dict], indices: list[np.ndarray], weights) -> Transition:
@@ -182,7 +174,7 @@ def make_finetune(config: EconConfig, nets: EconNetworks) -> tuple[Callable, Cal
 
     def init(params: EconParams) -> FinetuneState:
         return FinetuneState(params=params, target_params=params, opt_state=optimizer.init(ravel_pytree(params)[0]),
-                             data=_empty(capacity, n, _obs_dim(config)), count=jnp.zeros((), jnp.int32),
+                             data=zero_transitions(n, _obs_dim(config), COMMITMENT_DIM, (capacity,)), count=jnp.zeros((), jnp.int32),
                              batches=jnp.zeros((), jnp.int32),
                              curve=jnp.zeros((real.num_batches, len(CURVE_FIELDS)), jnp.float32))
 
@@ -206,13 +198,6 @@ def _obs_dim(config: EconConfig) -> int:
     from align_jax.methods.econ.sim import observation_dim
 
     return observation_dim(config.sim)
-
-
-def _empty(capacity: int, n: int, f: int) -> Transition:
-    return Transition(obs=jnp.zeros((capacity, n, f)), action=jnp.zeros((capacity, n), jnp.int32),
-                      local_reward=jnp.zeros((capacity, n)), team_reward=jnp.zeros((capacity,)),
-                      next_obs=jnp.zeros((capacity, n, f)), done=jnp.zeros((capacity,)),
-                      mask=jnp.zeros((capacity, n)), commit_features=jnp.zeros((capacity, COMMITMENT_DIM)))
 
 
 def finetune_dir(config: EconConfig) -> Path:

@@ -47,7 +47,7 @@ from jax.flatten_util import ravel_pytree
 
 from align_jax.methods.econ.buffer import make_replay_buffer, sample_batch
 from align_jax.methods.econ.config import EconConfig
-from align_jax.methods.econ.losses import LossInfo, Transition, econ_loss
+from align_jax.methods.econ.losses import LossInfo, Transition, econ_loss, zero_transitions
 from align_jax.methods.econ.networks import (EconNetworks, EconParams, agent_forward, init_networks,
                                              network_graphdefs)
 from align_jax.methods.econ.sim import Action, Env, EnvParams, EnvState, make_env_params, make_sim_env
@@ -251,12 +251,6 @@ def make_trainer(config: EconConfig) -> EconTrainer:
     def to_action(index: jax.Array) -> Action:
         return Action(temperature=grid[index, 0], top_p=grid[index, 1])
 
-    def example_transition() -> Transition:
-        f, c = env.observation_dim, env.commitment_dim
-        return Transition(obs=jnp.zeros((n, f)), action=jnp.zeros((n,), jnp.int32), local_reward=jnp.zeros((n,)),
-                          team_reward=jnp.zeros(()), next_obs=jnp.zeros((n, f)), done=jnp.zeros(()),
-                          mask=jnp.zeros((n,)), commit_features=jnp.zeros((c,)))
-
     num_periods = tr.num_steps // tr.update_every
 
     def init_state_fn(key: jax.Array, env_params: EnvParams) -> TrainState:
@@ -269,7 +263,7 @@ def make_trainer(config: EconConfig) -> EconTrainer:
         return TrainState(
             params=params, target_params=params, initial_params=params,
             opt_state=optimizer.init(ravel_pytree(params)[0]),
-            buffer_state=_strong(buffer.init(example_transition())), env_state=env_state, obs=obs, env_params=env_params,
+            buffer_state=_strong(buffer.init(zero_transitions(n, env.observation_dim, env.commitment_dim))), env_state=env_state, obs=obs, env_params=env_params,
             key=k_run, step=jnp.zeros((), jnp.int32), num_updates=jnp.zeros((), jnp.int32), log=log)
 
     def env_step(state: TrainState, _):
