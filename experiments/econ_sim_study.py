@@ -18,6 +18,11 @@ the simulator's coordinator-overload term on (overload_rate 0.3, capacity 3: the
 and off (0.0).  The overload term is a modelling assumption that stands in for the
 paper's observation; the off setting shows what the result owes to it.
 
+Part C (``alpha``): the same points as part A trained with learnable reward weights
+(``train.reward_weight_lr`` = ``--alpha-lr``, :func:`~align_jax.methods.econ.losses.update_reward_weights`),
+paired by seed and evaluation questions with part A's ``learned`` (fixed 0.5 / 0.3 / 0.2): the
+paper's "fixed alpha" ablation, and the alpha each point ends with.
+
     python experiments/econ_sim_study.py                      # 64 seeds, about 10-15 min on 2 CPU cores
     python experiments/econ_sim_study.py --seeds 8 --steps 512 --out /tmp/econ_quick   # smoke run
 """
@@ -98,6 +103,61 @@ def bne_study(base: EconConfig, seeds: np.ndarray, keys, eval_keys) -> pd.DataFr
                       f"fixed {float(result.fixed.accuracy.mean()):.3f} ({time.perf_counter() - start:.1f}s)",
                       flush=True)
     return pd.DataFrame(rows)
+
+
+def alpha_study(base: EconConfig, seeds: np.ndarray, keys, eval_keys, lr: float) -> pd.DataFrame:
+    rows = []
+    config = dataclasses.replace(base, train=dataclasses.replace(base.train, reward_weight_lr=lr))
+    trainer = make_trainer(config)
+
+    def one(env_params, key, eval_key):
+        state = trainer.train(key, env_params)
+        return trainer.evaluate(state, eval_key), state.log, state.env_params.reward_weights
+
+    program = jax.jit(jax.vmap(one, in_axes=(None, 0, 0)))
+    for d in DIFFICULTIES:
+        for h in HETEROGENEITIES:
+            start = time.perf_counter()
+            params = make_env_params(config.sim, **dict(config.env.kwargs(), difficulty=d, heterogeneity=h),
+                                     reward_weights=config.reward_weights)
+            result, log, alpha = program(params, keys, eval_keys)
+            jax.block_until_ready(result)
+            new = _rows(result, log, dict(difficulty=d, heterogeneity=h, alpha_lr=lr), seeds, policies=("learned",),
+                        rename={"learned": "learned_alpha"})
+            for row, a in zip(new, np.asarray(alpha)):
+                row.update(alpha_ts=float(a[0]), alpha_al=float(a[1]), alpha_cc=float(a[2]))
+            rows += new
+            print(f"  alpha study d={d:+.1f} h={h:.1f}: learned alpha {float(result.learned.accuracy.mean()):.3f}, "
+                  f"alpha {np.round(np.asarray(alpha).mean(0), 3).tolist()} ({time.perf_counter() - start:.1f}s)",
+                  flush=True)
+    return pd.DataFrame(rows)
+
+
+def summarize_alpha(bne: pd.DataFrame, alpha: pd.DataFrame) -> tuple[str, list]:
+    """Part C's table: learned alpha vs fixed alpha (part A's ``learned``), paired by seed."""
+    rng = np.random.default_rng(1)
+    lr = float(alpha.alpha_lr.iloc[0])
+    lines = [f"## C. Learnable reward weights (alpha, exponentiated gradient on L_dr, lr {lr}) vs fixed "
+             "0.5 / 0.3 / 0.2", "",
+             "| difficulty | heterogeneity | fixed alpha | learned alpha | learned - fixed | final alpha (ts, al, cc) |",
+             "|---|---|---|---|---|---|"]
+    out = []
+    for (d, h), group in alpha.groupby(["difficulty", "heterogeneity"]):
+        fixed = bne[(bne.difficulty == d) & (bne.heterogeneity == h) & (bne.policy == "learned")]
+        fixed = fixed.sort_values("seed")["accuracy"].to_numpy()
+        group = group.sort_values("seed")
+        learned = group["accuracy"].to_numpy()
+        diff = learned - fixed
+        a = group[["alpha_ts", "alpha_al", "alpha_cc"]].to_numpy().mean(0)
+        entry = dict(difficulty=d, heterogeneity=h, fixed=[float(fixed.mean()), *_ci(fixed, rng)],
+                     learned=[float(learned.mean()), *_ci(learned, rng)], diff=[float(diff.mean()), *_ci(diff, rng)],
+                     alpha=a.tolist())
+        out.append(entry)
+        lines.append(f"| {d:+.1f} | {h:.1f} | {entry['fixed'][0]:.3f} [{entry['fixed'][1]:.3f}, {entry['fixed'][2]:.3f}] "
+                     f"| {entry['learned'][0]:.3f} [{entry['learned'][1]:.3f}, {entry['learned'][2]:.3f}] "
+                     f"| {entry['diff'][0]:+.3f} [{entry['diff'][1]:+.3f}, {entry['diff'][2]:+.3f}] "
+                     f"| {a[0]:.2f}, {a[1]:.2f}, {a[2]:.2f} |")
+    return "\n".join(lines) + "\n", out
 
 
 def scaling_study(base: EconConfig, seeds: np.ndarray, keys, eval_keys) -> pd.DataFrame:
@@ -223,7 +283,8 @@ def main(argv=None) -> None:
     parser.add_argument("--steps", type=int, default=2048)
     parser.add_argument("--eval-questions", type=int, default=512)
     parser.add_argument("--out", default="docs/results/econ_sim")
-    parser.add_argument("--parts", default="bne,scaling")
+    parser.add_argument("--parts", default="bne,scaling,alpha")
+    parser.add_argument("--alpha-lr", type=float, default=0.1, help="reward_weight_lr of part C")
     args = parser.parse_args(argv)
     base = load_econ_config(args.config)
     base = dataclasses.replace(base, train=dataclasses.replace(base.train, num_steps=args.steps,
@@ -241,11 +302,17 @@ def main(argv=None) -> None:
                else pd.read_csv(out / "scaling_study.csv"))
     scaling.to_csv(out / "scaling_study.csv", index=False)
     text, data = summarize(bne, scaling)
+    if "alpha" in parts or (out / "alpha_study.csv").exists():
+        alpha = (alpha_study(base, seeds, keys, eval_keys, args.alpha_lr) if "alpha" in parts
+                 else pd.read_csv(out / "alpha_study.csv"))
+        alpha.to_csv(out / "alpha_study.csv", index=False)
+        alpha_text, data["alpha"] = summarize_alpha(bne, alpha)
+        text += "\n" + alpha_text
     header = (f"# ECON simulated study\n\n{args.seeds} seeds per setting, {args.steps} training steps x "
               f"{base.train.num_envs} questions per seed, {args.eval_questions} evaluation questions per policy "
               f"(the same questions and randomness for every policy of a seed), network {base.network}, "
               f"config {args.config}.  JAX {jax.__version__} on {jax.devices()[0]}; "
-              f"{time.perf_counter() - start:.0f}s wall.\n\n"
+              f"{time.perf_counter() - start:.0f}s wall for parts {args.parts}.\n\n"
               f"Reproduce: `python experiments/econ_sim_study.py --seeds {args.seeds} --steps {args.steps}`\n\n")
     (out / "summary.md").write_text(header + text)
     (out / "summary.json").write_text(json.dumps(dict(seeds=args.seeds, steps=args.steps, **data), indent=2))

@@ -12,7 +12,11 @@ Runs two ``reason`` configs through the shared runner (atomic, resumable rows):
 
 then writes ``docs/results/mcts_gsm8k_small/summary.md`` / ``summary.json`` comparing them.
 
-Run:  python experiments/mcts_gsm8k_small.py [--stage mcts|cot|report|all] [--limit N]
+Run:  python experiments/mcts_gsm8k_small.py [--study small|50] [--stage mcts|cot|report|all] [--limit N]
+
+``--study 50`` runs ``configs/mcts_gsm8k_50.yaml`` / ``configs/mcts_gsm8k_50_cot.yaml`` (two agents,
+the first 50 questions, rStar with the discriminator) into ``docs/results/mcts_gsm8k_50``.  The
+report gives 95% bootstrap intervals over questions and paired MCTS - CoT differences.
 """
 
 from __future__ import annotations
@@ -30,12 +34,17 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 
 from align_jax.methods import reason  # noqa: E402
+from align_jax.methods.reason_report import bootstrap_interval  # noqa: E402
 from align_jax.methods.mcts.generator import SEARCH_LISTENERS  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-MCTS_CONFIG = REPO / "configs" / "mcts_gsm8k_small.yaml"
-COT_CONFIG = REPO / "configs" / "mcts_gsm8k_small_cot.yaml"
-OUT = REPO / "docs" / "results" / "mcts_gsm8k_small"
+STUDIES = {
+    "small": (REPO / "configs" / "mcts_gsm8k_small.yaml", REPO / "configs" / "mcts_gsm8k_small_cot.yaml",
+              REPO / "docs" / "results" / "mcts_gsm8k_small"),
+    "50": (REPO / "configs" / "mcts_gsm8k_50.yaml", REPO / "configs" / "mcts_gsm8k_50_cot.yaml",
+           REPO / "docs" / "results" / "mcts_gsm8k_50"),
+}
+MCTS_CONFIG, COT_CONFIG, OUT = STUDIES["small"]
 
 # Paper / rStar figures quoted next to ours (ALIGN paper, GSM8K; rStar issue reports).
 PAPER = {"align_model_calls": "73-103", "align_tokens": "52K-264K",
@@ -101,14 +110,22 @@ def _mean(values):
     return float(np.mean(values)) if len(values) else float("nan")
 
 
+def _resamples(questions: int, samples: int = 2000) -> np.ndarray:
+    """[B, Q] bootstrap resamples of the questions, shared by every method and both runs (paired)."""
+    return np.random.default_rng(0).integers(0, questions, size=(samples, questions))
+
+
 def _method_table(rows, names):
     out = {}
+    indices = _resamples(len(rows))
     for name in names:
         records = [r["methods"][name] for r in rows if name in r["methods"]]
         if not records:
             continue
+        ci = bootstrap_interval(np.array([m["correct"] for m in records], float), indices) \
+            if len(records) == len(rows) else [float("nan")] * 2
         out[name] = {
-            "accuracy": _mean([m["correct"] for m in records]),
+            "accuracy": _mean([m["correct"] for m in records]), "accuracy_ci": list(ci),
             "calls": _mean([m["cost"]["calls"] for m in records]),
             "gen_tokens": _mean([m["cost"]["gen_tokens"] for m in records]),
             "prompt_tokens": _mean([m["cost"]["prompt_tokens"] for m in records]),
@@ -143,6 +160,20 @@ def report():
     names = (["pass@k", "sc_pooled", "align", "best_of_n", "fair_single"] + [f"sc/{a}" for a in agents]
              + [f"rstar/{a}" for a in agents] + [f"rstar_disc/{a}" for a in agents])
     mcts_table, cot_table = _method_table(mcts_rows, names), _method_table(cot_rows, names)
+    indices = _resamples(len(common))
+    paired = {}
+    for name in ("pass@k", "sc_pooled", "align", "best_of_n", "fair_single"):
+        if name in mcts_table and name in cot_table:
+            diff = (np.array([r["methods"][name]["correct"] for r in mcts_rows], float)
+                    - np.array([r["methods"][name]["correct"] for r in cot_rows], float))
+            paired[name] = {"mcts_minus_cot": float(diff.mean()), "ci": list(bootstrap_interval(diff, indices))}
+    for a in agents:  # rStar (MCTS + majority / + discriminator) vs the same agent's sampled majority
+        for rname in (f"rstar/{a}", f"rstar_disc/{a}"):
+            if rname in mcts_table and f"sc/{a}" in cot_table:
+                diff = (np.array([r["methods"][rname]["correct"] for r in mcts_rows], float)
+                        - np.array([r["methods"][f"sc/{a}"]["correct"] for r in cot_rows], float))
+                paired[f"{rname} - cot sc/{a}"] = {"mcts_minus_cot": float(diff.mean()),
+                                                    "ci": list(bootstrap_interval(diff, indices))}
     stats = _search_stats(mcts_config, [r["question"] for r in mcts_rows])
     waves = [w for s in stats for w in s["waves"]]
     totals = {k: sum(s["totals"][k] for s in stats) for k in
@@ -150,7 +181,7 @@ def report():
                "prefill_tokens_no_reuse", "prefill_tokens_node_shared", "gen_tokens", "too_long")} if stats else {}
     summary = {
         "questions": len(common), "question_ids": common,
-        "mcts": {"methods": mcts_table, "sampling": _sampling(mcts_rows)},
+        "mcts": {"methods": mcts_table, "sampling": _sampling(mcts_rows)}, "paired": paired,
         "cot": {"methods": cot_table, "sampling": _sampling(cot_rows),
                 "num_samples": [a.num_samples for a in cot_config.agents]},
         "search": {"windows": len(stats), "waves": len(waves), "totals": totals,
@@ -179,6 +210,15 @@ def _fmt(x, digits=3):
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
 
 
+def _acc(entry) -> str:
+    if not entry:
+        return "-"
+    ci = entry.get("accuracy_ci")
+    if ci and not np.isnan(ci[0]):
+        return f"{entry['accuracy']:.3f} [{ci[0]:.3f}, {ci[1]:.3f}]"
+    return _fmt(entry["accuracy"])
+
+
 def _markdown(s, mcts_config, cot_config) -> str:
     m, c = s["mcts"], s["cot"]
     search = s["search"]
@@ -201,11 +241,15 @@ def _markdown(s, mcts_config, cot_config) -> str:
     ]
     for name in sorted(set(m["methods"]) | set(c["methods"]), key=lambda n: list(m["methods"]).index(n)
                        if n in m["methods"] else 99):
-        lines.append(f"| {name} | {_fmt(m['methods'].get(name, {}).get('accuracy'))} | "
-                     f"{_fmt(c['methods'].get(name, {}).get('accuracy'))} |")
-    lines += ["", "Accuracy = mean over questions (pass@k: any candidate of any agent correct; sc = majority; "
-                  "rstar = majority over one agent's rollouts, rstar_disc = with the discriminator's mutual-"
-                  "consistency filter). With this few questions the differences are noise.", ""]
+        lines.append(f"| {name} | {_acc(m['methods'].get(name))} | {_acc(c['methods'].get(name))} |")
+    lines += ["", "Accuracy = mean over questions [95% bootstrap interval over questions] (pass@k: any candidate of "
+                  "any agent correct; sc = majority; rstar = majority over one agent's rollouts, rstar_disc = with "
+                  "the discriminator's mutual-consistency filter).", ""]
+    if s.get("paired"):
+        lines += ["| paired difference (same questions) | MCTS - CoT | 95% CI |", "|---|---|---|"]
+        for name, d in s["paired"].items():
+            lines.append(f"| {name} | {d['mcts_minus_cot']:+.3f} | [{d['ci'][0]:+.3f}, {d['ci'][1]:+.3f}] |")
+        lines.append("")
     lines += ["| cost per question (all agents' candidates) | MCTS | sampled CoT |", "|---|---|---|"]
     for key, label in (("calls", "model calls (sequences generated)"), ("gen_tokens", "generated tokens"),
                        ("prompt_tokens", "prompt (prefill) tokens"), ("sampling_wall_s", "candidate wall s"),
@@ -214,7 +258,7 @@ def _markdown(s, mcts_config, cot_config) -> str:
         digits = 2 if "wall" in key or "distinct" in key else 0
         lines.append(f"| {label} | {_fmt(m['sampling'][key], digits)} | {_fmt(c['sampling'][key], digits)} |")
     lines += ["", "Wall times include loading the model and compiling the sampler for each new batch shape "
-                  "(each run is one window, so every shape is new); the CPU was shared with other jobs."]
+                  "(the first window of each run pays it); the CPU was shared with other jobs."]
     if t:
         wall = t["wall_s"] or 1.0
         lines += ["", f"Search ({search['windows']} windows, {search['waves']} waves): wall {t['wall_s']:.1f} s = "
@@ -243,7 +287,10 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--stage", choices=("mcts", "cot", "report", "all"), default="all")
     parser.add_argument("--limit", type=int, default=None)
+    parser.add_argument("--study", choices=tuple(STUDIES), default="small")
     args = parser.parse_args()
+    global MCTS_CONFIG, COT_CONFIG, OUT
+    MCTS_CONFIG, COT_CONFIG, OUT = STUDIES[args.study]
     start = time.perf_counter()
     if args.stage in ("mcts", "all"):
         run_mcts(args.limit)

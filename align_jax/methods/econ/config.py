@@ -199,6 +199,11 @@ class TrainConfig:
         linear from start to end over the first ``epsilon_decay_steps`` steps.
       td_weight, mixer_weight, consistency_weight, bne_weight: loss weights.
       max_grad_norm: global-norm gradient clipping (0 disables).
+      reward_weight_lr: 0 keeps the reward weights fixed at ``reward_weights``; > 0 learns them
+        (the paper's learnable alpha): they start at ``reward_weights`` normalised to sum 1 and
+        take one exponentiated-gradient step of this size per update period on the
+        reward-difference loss of the paper's public code
+        (:func:`~align_jax.methods.econ.losses.update_reward_weights`).
       eval_questions: questions per policy in :func:`~align_jax.methods.econ.train.evaluate`.
       baseline_temperature, baseline_top_p: the fixed-parameter baseline policy.
     """
@@ -219,6 +224,7 @@ class TrainConfig:
     consistency_weight: float = 0.1
     bne_weight: float = 0.1
     max_grad_norm: float = 10.0
+    reward_weight_lr: float = 0.0
     eval_questions: int = 512
     baseline_temperature: float = 1.0
     baseline_top_p: float = 0.95
@@ -235,7 +241,7 @@ class TrainConfig:
         _finite(self, "tau", low=0.0, high=1.0)
         for name in ("epsilon_start", "epsilon_end"):
             _finite(self, name, low=0.0, high=1.0)
-        for name in ("td_weight", "mixer_weight", "consistency_weight", "bne_weight", "max_grad_norm"):
+        for name in ("td_weight", "mixer_weight", "consistency_weight", "bne_weight", "max_grad_norm", "reward_weight_lr"):
             _finite(self, name, low=0.0)
         _finite(self, "baseline_temperature", low=TEMPERATURE_RANGE[0], high=TEMPERATURE_RANGE[1])
         _finite(self, "baseline_top_p", low=TOP_P_RANGE[0], high=TOP_P_RANGE[1])

@@ -26,6 +26,19 @@ Losses (each a mean over the batch; agent sums are over present executors)::
 
     L = td_weight L_TD + mixer_weight L_mix + consistency_weight L_cons + bne_weight L_BNE
 
+Learnable reward weights (``train.reward_weight_lr`` > 0; :func:`update_reward_weights`).  The
+paper says alpha is learned but gives no objective; its public code fits alpha to the observed
+reward components with the reward-difference loss ``L_dr = sum_b ||r_b - alpha||^2`` and keeps
+alpha on the simplex.  We use that objective, as exponentiated gradient (mirror descent on the
+simplex, no optimiser state)::
+
+    alpha = softmax(theta),  theta <- theta - lr grad_theta ||rbar - alpha||^2
+
+where ``rbar`` is the mean reward-component vector of the rewards paid since the last update.
+Its fixed point is the Euclidean projection of E[r] onto the simplex: alpha moves weight
+towards the components that are large on average.  A component that starts at weight 0
+stays at 0.
+
 L_BNE is the gain executor i would get by a unilateral deviation from its chosen action to
 its best alternative, valued by the current joint Q: the exploitability of the chosen
 profile.  Because the mixer is monotone in each local Q, the best deviation of executor i
@@ -49,6 +62,8 @@ __all__ = [
     "zero_transitions",
     "LossInfo",
     "combine_rewards",
+    "reward_weight_loss",
+    "update_reward_weights",
     "td_target",
     "local_td_loss",
     "mixer_td_loss",
@@ -111,6 +126,34 @@ class LossInfo(NamedTuple):
 def combine_rewards(components: jax.Array, weights: jax.Array) -> jax.Array:
     """``R = w_TS R_TS + w_AL R_AL + w_CC R_CC``: components [..., 3], weights [3] -> [...]."""
     return components @ weights
+
+
+def reward_weight_loss(weights: jax.Array, mean_components: jax.Array) -> jax.Array:
+    """L_dr per sample: ``||rbar - alpha||^2`` for weights [3] and mean components [3] -> []."""
+    return jnp.sum((mean_components - weights) ** 2)
+
+
+def update_reward_weights(weights: jax.Array, mean_components: jax.Array, learning_rate: float,
+                          ready: jax.Array | bool = True) -> jax.Array:
+    """One exponentiated-gradient step of alpha on L_dr (module docstring).
+
+    Args:
+      weights: [3] alpha on the simplex (``>= 0``, summing to 1).
+      mean_components: [3] mean (R_TS, R_AL, R_CC) of the rewards paid since the last step.
+      learning_rate: the step size on the logits ``theta = log alpha``.
+      ready: [] bool; when false (no reward was paid) alpha is returned unchanged.
+    Returns:
+      [3] the new alpha, on the simplex.
+    """
+    theta = jnp.log(weights)  # -inf for a zero weight: it stays zero
+    safe = jnp.where(jnp.isfinite(theta), theta, 0.0)
+
+    def loss(t):
+        return reward_weight_loss(jax.nn.softmax(jnp.where(jnp.isfinite(theta), t, -jnp.inf)), mean_components)
+
+    grad = jnp.where(jnp.isfinite(theta), jax.grad(loss)(safe), 0.0)
+    new = jax.nn.softmax(jnp.where(jnp.isfinite(theta), safe - learning_rate * grad, -jnp.inf))
+    return jnp.where(ready, new, weights)
 
 
 def td_target(reward: jax.Array, done: jax.Array, next_value: jax.Array, gamma: float) -> jax.Array:

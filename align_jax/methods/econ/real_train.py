@@ -23,6 +23,9 @@ rewards are paid when the question ends, 0 before)::
     team    = w_TS [commitment = gold] + mean_i (w_AL R_AL_i + w_CC R_CC_i) at the last round, else 0
     commit_features = [vote share, changed, unanimity] after round t
 
+w: the reward weights the simulated run ended with (``reward_weights``, or the learned alpha
+when ``train.reward_weight_lr`` > 0); fine-tuning keeps them fixed.
+
 A killed run restarts from its last checkpoint and reproduces the uninterrupted run (every
 batch's LLM calls and every update draw their keys from their indices); the episode rows of a
 batch finished before the checkpoint are not written twice (``episodes.jsonl`` is keyed by
@@ -48,7 +51,7 @@ from align_jax import runner
 from align_jax.runio import atomic_write
 from align_jax.config import ConfigError, config_to_dict
 from align_jax.methods.econ.checkpoint import Checkpointer
-from align_jax.methods.econ.config import EconConfig, RealTrainSettings, reward_weight_vector
+from align_jax.methods.econ.config import EconConfig, RealTrainSettings
 from align_jax.methods.econ.losses import LossInfo, Transition, zero_transitions
 from align_jax.methods.econ.networks import EconNetworks, EconParams
 from align_jax.methods.econ.real import RealEconSettings, greedy_program, run_econ_questions
@@ -223,20 +226,21 @@ def _checkpointer(config: EconConfig) -> Checkpointer:
 
 @functools.lru_cache(maxsize=4)
 def _template(config: EconConfig, seed_index: int):
-    """``(networks, FinetuneState at batch 0, train_on)`` from the finished simulated run (restored
-    once per process and config: the simulated run is final once finished)."""
-    from align_jax.methods.econ.run import trained_policies
+    """``(networks, FinetuneState at batch 0, train_on, reward weights)`` from the finished simulated
+    run: its learned parameters, and the reward weights it ended with (the configured ones, or
+    the learned alpha when ``train.reward_weight_lr`` > 0)."""
+    from align_jax.methods.econ.run import trained_seed
 
-    nets, learned, _ = trained_policies(config, seed_index)
+    nets, trained = trained_seed(config, seed_index)
     init, train_on = make_finetune(config, nets)
-    return nets, init(learned), train_on
+    return nets, init(trained.params), train_on, tuple(float(w) for w in trained.env_params.reward_weights)
 
 
 def finetuned_params(config: EconConfig, seed_index: int = 0) -> tuple[EconNetworks, EconParams]:
     """The networks and the parameters after real fine-tuning (a ConfigError naming the
     checkpoint directory when it is not finished; CheckpointError when foreign or corrupt)."""
     real = _section(config)
-    nets, template, _ = _template(config, seed_index)
+    nets, template, _, _ = _template(config, seed_index)
     checkpoints = _checkpointer(config)
     step = checkpoints.latest_step()
     if step is None or step < real.num_batches:
@@ -261,7 +265,7 @@ def finetune_run(config: EconConfig, *, pool=None, seed_index: int = 0, progress
     if len(problems) < real.limit:
         raise ConfigError(f"real.limit: {real.dataset}/{real.split} has {len(problems)} questions from offset "
                           f"{real.offset}, fewer than limit={real.limit}")
-    nets, state, train_on = _template(config, seed_index)
+    nets, state, train_on, weights = _template(config, seed_index)
     checkpoints = _checkpointer(config)
     step = checkpoints.latest_step()
     if step is not None:
@@ -269,7 +273,6 @@ def finetune_run(config: EconConfig, *, pool=None, seed_index: int = 0, progress
     files = runner.RunFiles(finetune_dir(config), key_field="question_id", settings=_hash(config), config=config)
     pool = pool or ModelPool(dtype="float32", param_dtype=real.param_dtype)
     settings = real_settings(config)
-    weights = reward_weight_vector(config.reward_weights)
     base = jax.random.key(config.seed + seed_index)
     done_now = 0
     with runner.progress_bar(progress) as bar:

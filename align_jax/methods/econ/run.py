@@ -38,6 +38,7 @@ from align_jax import runner
 from align_jax.config import ConfigError, config_to_dict, load_config
 from align_jax.methods.econ.checkpoint import Checkpointer
 from align_jax.methods.econ.config import EconConfig, RunSettings
+from align_jax.methods.econ.networks import EconNetworks
 from align_jax.methods.econ.train import EconTrainer, EvalResult, TrainState, make_trainer
 
 __all__ = [
@@ -51,6 +52,7 @@ __all__ = [
     "seed_programs",
     "train_run",
     "eval_run",
+    "trained_seed",
     "trained_policies",
     "eval_rows",
     "summarize_rows",
@@ -326,12 +328,8 @@ def eval_run(config: EconConfig, *, progress: bool = True, figures: bool = True,
     return summary
 
 
-def trained_policies(config: EconConfig, seed_index: int = 0):
-    """``(networks, learned params, initial params)`` of seed ``seed_index`` of the finished run.
-
-    The learned parameters are the belief networks after training; the initial ones are the
-    same networks at step 0 (the "without BNE" baseline: belief networks frozen at their
-    initial policy).
+def trained_seed(config: EconConfig, seed_index: int = 0) -> tuple[EconNetworks, TrainState]:
+    """``(networks, final TrainState of seed seed_index)`` of the finished run.
 
     Raises:
       ConfigError: training is not finished, or ``seed_index`` is not a seed of the run.
@@ -344,8 +342,18 @@ def trained_policies(config: EconConfig, seed_index: int = 0):
     trainer = make_trainer(config)
     init, _, _ = seed_programs(trainer)
     state = checkpoints.restore(init(seed_keys(config)), step)
-    pick = lambda tree: jax.tree.map(lambda x: x[seed_index], tree)  # noqa: E731
-    return trainer.networks, pick(state.params), pick(state.initial_params)
+    return trainer.networks, jax.tree.map(lambda x: x[seed_index], state)
+
+
+def trained_policies(config: EconConfig, seed_index: int = 0):
+    """``(networks, learned params, initial params)`` of seed ``seed_index`` of the finished run.
+
+    The learned parameters are the belief networks after training; the initial ones are the
+    same networks at step 0 (the "without BNE" baseline: belief networks frozen at their
+    initial policy).  Raises as :func:`trained_seed`.
+    """
+    nets, state = trained_seed(config, seed_index)
+    return nets, state.params, state.initial_params
 
 
 def _accuracy_figure(config: EconConfig, summary: dict, path: Path) -> None:

@@ -47,7 +47,7 @@ from jax.flatten_util import ravel_pytree
 
 from align_jax.methods.econ.buffer import make_replay_buffer, sample_batch
 from align_jax.methods.econ.config import EconConfig
-from align_jax.methods.econ.losses import LossInfo, Transition, econ_loss, zero_transitions
+from align_jax.methods.econ.losses import LossInfo, Transition, econ_loss, update_reward_weights, zero_transitions
 from align_jax.methods.econ.networks import (EconNetworks, EconParams, agent_forward, init_networks,
                                              network_graphdefs)
 from align_jax.methods.econ.sim import Action, Env, EnvParams, EnvState, make_env_params, make_sim_env
@@ -253,7 +253,12 @@ def make_trainer(config: EconConfig) -> EconTrainer:
 
     num_periods = tr.num_steps // tr.update_every
 
+    learn_alpha = tr.reward_weight_lr > 0
+
     def init_state_fn(key: jax.Array, env_params: EnvParams) -> TrainState:
+        if learn_alpha:  # alpha lives on the simplex
+            env_params = env_params._replace(reward_weights=env_params.reward_weights
+                                             / env_params.reward_weights.sum())
         k_net, k_env, k_run = jax.random.split(key, 3)
         _, params = init_networks(net_cfg, env.observation_dim, env.commitment_dim, n, k_net)
         obs, env_state = jax.vmap(env.reset, in_axes=(0, None))(jax.random.split(k_env, e_envs), env_params)
@@ -280,7 +285,11 @@ def make_trainer(config: EconConfig) -> EconTrainer:
             obs=state.obs, action=index, local_reward=out.local_reward, team_reward=out.team_reward,
             next_obs=out.obs, done=done, mask=jnp.broadcast_to(state.env_params.executor_mask, (e_envs, n)),
             commit_features=out.info.commit_features)
-        metrics = jnp.stack([done.sum(), (done * out.info.commit_correct).sum(), out.team_reward.sum(), epsilon])
+        paid = done[:, None] * transitions.mask  # [E, N]: the executors whose reward was paid this step
+        metrics = jnp.concatenate([
+            jnp.stack([done.sum(), (done * out.info.commit_correct).sum(), out.team_reward.sum(), epsilon,
+                       paid.sum()]),
+            (out.info.reward_components * paid[..., None]).sum((0, 1))])  # [5 + 3]
         state = state._replace(buffer_state=buffer.add(state.buffer_state, transitions), env_state=out.state,
                                obs=out.obs, step=state.step + 1)
         return state, metrics
@@ -300,6 +309,11 @@ def make_trainer(config: EconConfig) -> EconTrainer:
     def period(_, state: TrainState) -> TrainState:
         state, metrics = jax.lax.scan(env_step, state, None, length=tr.update_every)
         state, info, ready = update(state)
+        if learn_alpha:
+            count, components = metrics[:, 4].sum(), metrics[:, 5:].sum(0)
+            alpha = update_reward_weights(state.env_params.reward_weights, components / jnp.maximum(count, 1.0),
+                                          tr.reward_weight_lr, ready=count > 0)
+            state = state._replace(env_params=state.env_params._replace(reward_weights=alpha))
         i = state.num_updates
         put = lambda log, value: log.at[i].set(value, mode="drop")  # noqa: E731
         totals = metrics.sum(0)

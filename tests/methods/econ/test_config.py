@@ -50,6 +50,8 @@ def test_missing_reward_names_weigh_zero():
     (lambda: TrainConfig(gamma=1.5), "gamma"),
     (lambda: TrainConfig(learning_rate=0.0), "learning_rate"),
     (lambda: TrainConfig(bne_weight=-1.0), "bne_weight"),
+    (lambda: TrainConfig(reward_weight_lr=-0.1), "reward_weight_lr"),
+    (lambda: TrainConfig(reward_weight_lr=float("nan")), "reward_weight_lr"),
     (lambda: EconConfig(train=TrainConfig(batch_size=32, buffer_size=16)), "train.batch_size"),
     (lambda: EconConfig(name="a/b"), "name"),
 ])

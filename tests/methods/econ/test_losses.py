@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from align_jax.methods.econ.config import TrainConfig
-from align_jax.methods.econ.losses import Transition, combine_rewards, econ_loss, td_target
+from align_jax.methods.econ.losses import (Transition, combine_rewards, econ_loss, reward_weight_loss, td_target,
+                                         update_reward_weights)
 from align_jax.methods.econ.networks import init_networks, network_graphdefs
 
 from tests.methods.econ.conftest import tiny_network
@@ -90,3 +91,31 @@ def test_absent_executors_drop_out_of_the_losses(hand_example):
     # Q_tot now mixes agent 0 alone: online [1.2, 0.7], target 0.5 + 0.9 * (1.0 + 0.5), 1.0
     np.testing.assert_allclose(info.mixer, ((1.2 - 1.85) ** 2 + (0.7 - 1.0) ** 2) / 2, rtol=1e-5)
     np.testing.assert_allclose(info.bne, (0.0 + 0.5) / 2, rtol=1e-5)
+
+
+def test_learned_reward_weights_converge_to_the_simplex_projection_of_the_mean_reward():
+    # L_dr = ||rbar - alpha||^2 on the simplex: the minimiser is the Euclidean projection of rbar.
+    # rbar = (0.5, 0.6, 0.4) sums to 1.5, so the projection subtracts 1/6 from each component.
+    alpha = jnp.array([0.5, 0.3, 0.2])
+    rbar = jnp.array([0.5, 0.6, 0.4])
+    losses = []
+    for _ in range(2000):
+        losses.append(float(reward_weight_loss(alpha, rbar)))
+        alpha = update_reward_weights(alpha, rbar, 0.5)
+    np.testing.assert_allclose(alpha, [1 / 3, 0.6 - 1 / 6, 0.4 - 1 / 6], atol=1e-4)
+    assert np.all(np.diff(losses) <= 1e-7) and losses[-1] < losses[0]
+    # projection on an edge: (0.2, 0.9, 0.6) -> (0, 0.65, 0.35); softmax approaches the edge
+    alpha = jnp.array([0.5, 0.3, 0.2])
+    for _ in range(2000):
+        alpha = update_reward_weights(alpha, jnp.array([0.2, 0.9, 0.6]), 0.5)
+    np.testing.assert_allclose(alpha, [0.0, 0.65, 0.35], atol=0.01)
+
+
+def test_a_zero_reward_weight_stays_zero_and_nothing_moves_without_paid_rewards():
+    alpha = update_reward_weights(jnp.array([0.5, 0.5, 0.0]), jnp.array([0.2, 0.9, 0.6]), 0.5)
+    assert float(alpha[2]) == 0.0 and np.all(np.isfinite(np.asarray(alpha)))
+    np.testing.assert_allclose(alpha.sum(), 1.0, rtol=1e-6)
+    assert float(alpha[1]) > 0.5  # towards the larger mean component
+    start = jnp.array([0.5, 0.3, 0.2])
+    same = update_reward_weights(start, jnp.array([1.0, 0.0, 0.0]), 0.5, ready=jnp.asarray(False))
+    np.testing.assert_array_equal(same, start)

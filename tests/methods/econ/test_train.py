@@ -77,3 +77,29 @@ def test_same_numbers_with_and_without_jit(run):
     assert bool(eager.log.updated[0]) and bool(jitted.log.updated[0])
     _assert_trees_close(eager, jitted)
     assert not np.allclose(jax.tree.leaves(eager.params)[0], jax.tree.leaves(eager.initial_params)[0])
+
+
+def test_fixed_reward_weights_stay_as_configured(run):
+    np.testing.assert_allclose(run["final"].env_params.reward_weights, [[0.5, 0.3, 0.2]] * 2, rtol=1e-6)
+
+
+def test_learned_reward_weights_move_on_the_simplex_and_resume_exactly():
+    import dataclasses
+
+    from tests.methods.econ.conftest import known_best_config
+    from align_jax.methods.econ.train import make_trainer
+
+    config = known_best_config()
+    config = dataclasses.replace(config, train=dataclasses.replace(config.train, num_steps=256,
+                                                                   reward_weight_lr=0.2))
+    trainer = make_trainer(config)
+    init = trainer.init_state(jax.random.key(0))
+    np.testing.assert_allclose(init.env_params.reward_weights, [0.5, 0.3, 0.2], rtol=1e-6)
+    final = trainer.train_segment(init, 256)
+    halves = trainer.train_segment(trainer.train_segment(init, 128), 128)
+    _assert_trees_close(halves, final, rtol=1e-6, atol=1e-6)
+    alpha = np.asarray(final.env_params.reward_weights)
+    np.testing.assert_allclose(alpha.sum(), 1.0, rtol=1e-5)
+    # on this one-round task executors agree with the commitment far more often than they are
+    # right, so L_dr moves weight from R_TS to R_AL (the configured 0.5 / 0.3 reverses)
+    assert alpha[1] > alpha[0] and alpha[0] < 0.4, alpha
