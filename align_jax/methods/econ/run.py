@@ -224,10 +224,13 @@ def _write_curve(config: EconConfig, state: TrainState, directory: Path, figures
     plt.close(fig)
 
 
-def eval_rows(config: EconConfig, result: EvalResult) -> list[dict]:
-    """One row per (seed, policy) from a seed-stacked :class:`EvalResult`."""
+def eval_rows(config: EconConfig, result: EvalResult, reward_weights=None) -> list[dict]:
+    """One row per (seed, policy) from a seed-stacked :class:`EvalResult`; ``reward_weights``
+    [S, 3], the weights each seed ended with (learned alpha when ``train.reward_weight_lr`` > 0),
+    is recorded in every row when given."""
     rows = []
     res = jax.tree.map(np.asarray, result)
+    alpha = None if reward_weights is None else np.asarray(reward_weights)
     for s in range(config.run.num_seeds):
         for name in POLICIES:
             pe = getattr(res, name)
@@ -236,6 +239,8 @@ def eval_rows(config: EconConfig, result: EvalResult) -> list[dict]:
                 questions=config.train.eval_questions, accuracy=float(pe.accuracy[s]), rounds=float(pe.rounds[s]),
                 team_reward=float(pe.team_reward[s]), executor_accuracy=float(pe.executor_accuracy[s]),
                 temperature=[float(x) for x in pe.temperature[s]], top_p=[float(x) for x in pe.top_p[s]]))
+            if alpha is not None:
+                rows[-1]["reward_weights"] = [float(x) for x in alpha[s]]
     return rows
 
 
@@ -267,6 +272,9 @@ def summarize_rows(rows: list[dict], *, samples: int = 2000, seed: int = 0) -> d
             entry["learned_minus"] = float(diff.mean())
             entry["learned_minus_ci"] = interval(diff)
         out["policies"][p] = entry
+    alphas = [r["reward_weights"] for r in rows if "reward_weights" in r]
+    if alphas:
+        out["reward_weights"] = np.mean(alphas, 0).tolist()
     return out
 
 
@@ -284,6 +292,10 @@ def _summary_markdown(config: EconConfig, summary: dict) -> str:
         temps = ", ".join(f"{t:.2f}" for t in e["temperature"])
         lines.append(f"| {name} | {e['accuracy']:.3f} | {ci} | {diff} | {dci} | {e['rounds']:.2f} | "
                      f"{e['team_reward']:.3f} | {temps} |")
+    if "reward_weights" in summary:
+        learned = "learned (train.reward_weight_lr > 0)" if config.train.reward_weight_lr > 0 else "fixed"
+        lines += ["", f"Reward weights (ts, al, cc), {learned}, mean over seeds: "
+                      + ", ".join(f"{w:.3f}" for w in summary["reward_weights"])]
     return "\n".join(lines) + "\n"
 
 
@@ -313,7 +325,7 @@ def eval_run(config: EconConfig, *, progress: bool = True, figures: bool = True,
     def compute(unit: runner.Unit) -> list[dict]:
         init, _, evaluate = seed_programs(trainer)
         state = checkpoints.restore(init(seed_keys(config)), step)
-        return eval_rows(config, evaluate(state, eval_keys(config)))
+        return eval_rows(config, evaluate(state, eval_keys(config)), state.env_params.reward_weights)
 
     runner.run_units(files, [runner.Unit(keys=tuple(keys), label="evaluate")], compute,
                      description=f"econ eval {config.name}", progress=progress)

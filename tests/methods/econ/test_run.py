@@ -61,6 +61,9 @@ def test_eval_writes_rows_and_summary_once(trained_tiny, resumed):
     eval_run(config, progress=False, figures=False, trainer=trained_tiny["trainer"])  # rerun adds nothing
     assert (directory / "results.jsonl").read_text().splitlines() == lines
     assert "| learned |" in (directory / "summary.md").read_text()
+    # the reward weights each seed ended with are recorded (fixed here: the configured ones)
+    assert summary["reward_weights"] == pytest.approx([0.5, 0.3, 0.2], abs=1e-6)
+    assert "Reward weights (ts, al, cc), fixed" in (directory / "summary.md").read_text()
 
 
 def test_checkpoints_of_another_config_are_refused(trained_tiny, resumed):
