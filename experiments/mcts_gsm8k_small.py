@@ -179,6 +179,8 @@ def report():
     totals = {k: sum(s["totals"][k] for s in stats) for k in
               ("llm_s", "tree_s", "host_s", "wall_s", "rows", "padded_rows", "children", "prefill_tokens",
                "prefill_tokens_no_reuse", "prefill_tokens_node_shared", "gen_tokens", "too_long")} if stats else {}
+    if stats:  # older stats lines have no prefill split
+        totals["prefill_s"] = sum(s["totals"].get("prefill_s", float("nan")) for s in stats)
     summary = {
         "questions": len(common), "question_ids": common,
         "mcts": {"methods": mcts_table, "sampling": _sampling(mcts_rows)}, "paired": paired,
@@ -208,6 +210,16 @@ def report():
 
 def _fmt(x, digits=3):
     return "-" if x is None or (isinstance(x, float) and np.isnan(x)) else f"{x:.{digits}f}"
+
+
+def _prefill_line(t) -> str:
+    prefill_s = t.get("prefill_s", float("nan"))
+    if np.isnan(prefill_s):
+        return "Prefill time was not recorded in this run (the split was added later)."
+    saved = prefill_s * (1 - t["prefill_tokens_node_shared"] / max(t["prefill_tokens"], 1))
+    return (f"Prefill wall time {prefill_s:.1f} s = {100 * prefill_s / max(t['llm_s'], 1e-9):.1f}% of the LLM time "
+            f"(compilation included); a node-level prefix cache would save at most {saved:.1f} s "
+            f"({100 * saved / max(t['wall_s'], 1e-9):.1f}% of the search wall time).")
 
 
 def _acc(entry) -> str:
@@ -268,6 +280,7 @@ def _markdown(s, mcts_config, cot_config) -> str:
                   f"Prefill tokens: {t['prefill_tokens']} as run (one prefill per prompt row) vs "
                   f"{t['prefill_tokens_no_reuse']} without reuse (one per child) vs {t['prefill_tokens_node_shared']} "
                   f"with a node-level prefix cache (common prefix of a node's prompts once).",
+                  _prefill_line(t),
                   f"Sampler batch fill per wave (real prompt rows / power-of-two padded rows): mean "
                   f"{_fmt(_mean(search['batch_fill_per_wave']), 2)}, rows {t['rows']} of {t['padded_rows']} padded; "
                   f"per wave: {search['batch_fill_per_wave']}.",

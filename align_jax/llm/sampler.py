@@ -43,6 +43,8 @@ Shapes: B prompts, K samples per prompt, R = B * K rows, P prompt bucket, T =
 
 from __future__ import annotations
 
+import time
+
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -270,6 +272,10 @@ class Sampler:
             raise ValueError(f"compact_min_rows must be >= 1 or None, got {compact_min_rows}")
         self.compact_min_rows = None if compact_min_rows is None else int(compact_min_rows)
         prompt_bucket(1, self.min_prompt_bucket, self.bucket_steps)  # validates steps
+        #: Wall seconds :meth:`generate` has spent in each stage, summed over calls (compilation
+        #: included): ``"prefill"`` (to the first logits on the host side of the device) and
+        #: ``"decode"`` (the rest of the call).  Read it before and after a call to split that call.
+        self.stage_seconds: dict[str, float] = {"prefill": 0.0, "decode": 0.0}
 
     # -- host-side preparation -------------------------------------------------
 
@@ -506,14 +512,20 @@ class Sampler:
                               ignore_eos=ignore_eos, stop=stop, stop_token_sequences=stop_token_sequences,
                               logits_processor=logits_processor, processor_update=processor_update)
         key = _batch_key(key, batch)
+        t0 = time.perf_counter()
         cache, first_logits = self.prefill(batch)
+        jax.block_until_ready(first_logits)  # so that the prefill's time is its own
+        t1 = time.perf_counter()
         result = self.decode(batch, cache, first_logits, key, spec=spec, processor_state=processor_state,
                              processor_params=processor_params, donate_processor_state=donate_processor_state)
         if callable(return_processor_state):
             result = result._replace(processor_state=return_processor_state(result.processor_state))
         elif not return_processor_state:
             result = result._replace(processor_state=None)
-        return self._finish(batch, spec, result, tuple([stop] if isinstance(stop, str) else stop))
+        finished = self._finish(batch, spec, result, tuple([stop] if isinstance(stop, str) else stop))
+        self.stage_seconds["prefill"] += t1 - t0
+        self.stage_seconds["decode"] += time.perf_counter() - t1
+        return finished
 
     def generate_chat(self, conversations: Sequence, **kwargs) -> SampleOutput:
         """:meth:`generate` on chat conversations (lists of ``{"role", "content"}`` dicts,

@@ -167,6 +167,8 @@ def test_generator_conformance_invariants_and_costs(tiny_pool, tiny_checkpoint):
     assert all(0 < w.batch_fill <= 1 and w.calls == 1 for w in stats.waves)  # one sampler call per wave
     assert totals["num_waves"] <= rollouts * spec.max_depth
     assert totals["llm_s"] + totals["tree_s"] + totals["host_s"] <= stats.wall_s + 1e-6
+    # the prefill share of the LLM time is measured (what a node-level prefix cache could save)
+    assert all(0 < w.prefill_s <= w.llm_s for w in stats.waves)
 
 
 def test_reward_utility_is_the_share_of_backed_up_reward(tiny_pool, tiny_checkpoint):

@@ -150,6 +150,8 @@ class WaveStats(NamedTuple):
       gen_tokens: generated tokens kept.
       too_long: prompt rows not generated because prompt + ``answer_tokens`` exceeds the
         model's context (their children are not added; a node left with none is a dead end).
+      prefill_s: the part of ``llm_s`` spent in the sampler's prefill (``Sampler.stage_seconds``);
+        a node-level prefix cache could save at most ``prefill_s (1 - node_shared / prefill_tokens)``.
     """
 
     active_trees: int
@@ -166,6 +168,7 @@ class WaveStats(NamedTuple):
     prefill_tokens_node_shared: int
     gen_tokens: int
     too_long: int = 0
+    prefill_s: float = 0.0
 
     @property
     def batch_fill(self) -> float:
@@ -198,7 +201,7 @@ class SearchStats:
     def totals(self) -> dict:
         """Sums over waves, plus the mean batch fill and the wall-time shares."""
         keys = ("rows", "padded_rows", "children", "calls", "llm_s", "tree_s", "host_s", "prefill_tokens",
-                "prefill_tokens_no_reuse", "prefill_tokens_node_shared", "gen_tokens", "too_long")
+                "prefill_tokens_no_reuse", "prefill_tokens_node_shared", "gen_tokens", "too_long", "prefill_s")
         out = {k: sum(getattr(w, k) for w in self.waves) for k in keys}
         out["num_waves"] = len(self.waves)
         out["wall_s"] = self.wall_s
@@ -415,7 +418,7 @@ class MCTSGenerator:
                     common = min(_lcp(node_prompts[0], p) for p in node_prompts)
                     node_shared += common + sum(len(p) - common for p in node_prompts)
             host_s = time.perf_counter() - t_host
-            llm_s = 0.0
+            llm_s = prefill_s = 0.0
             num_rows = padded = children = calls = prefill = no_reuse = gen = 0
             budget = 0
             c = section.children_per_expansion
@@ -429,11 +432,15 @@ class MCTSGenerator:
                 size = _bucket(len(rows))
                 padded_rows = rows + [rows[-1]] * (size - len(rows))
                 t0 = time.perf_counter()
-                out = pool.sampler(model).generate(
+                sampler = pool.sampler(model)
+                stages = getattr(sampler, "stage_seconds", None)  # test doubles may not keep it
+                before = stages["prefill"] if stages else 0.0
+                out = sampler.generate(
                     [r.prompt_ids for r in padded_rows], key=jax.random.fold_in(wave_key, g), num_samples=c,
                     max_new_tokens=max_new, temperature=np.asarray([r.temperature for r in padded_rows], np.float32),
                     top_p=np.asarray([r.top_p for r in padded_rows], np.float32), stop=stop)
                 llm_s += time.perf_counter() - t0
+                prefill_s += (stages["prefill"] - before) if stages else 0.0
                 t_host = time.perf_counter()
                 tokenizer = pool.tokenizer(model)
                 for r, row in enumerate(rows):
@@ -485,7 +492,8 @@ class MCTSGenerator:
                 if added[b, j] >= 0:
                     nodes[b][int(added[b, j])] = node
             stats.waves.append(WaveStats(int(host_plan.active.sum()), num_rows, padded, children, calls, budget,
-                                         llm_s, tree_s, host_s, prefill, no_reuse, node_shared, gen, too_long))
+                                         llm_s, tree_s, host_s, prefill, no_reuse, node_shared, gen, too_long,
+                                         prefill_s))
             logger.info("wave %d: %d trees, %d prompt rows (%d padded), %d children, budget %d, llm %.1f s, "
                         "tree %.2f s", wave, stats.waves[-1].active_trees, num_rows, padded, children, budget, llm_s,
                         tree_s)
