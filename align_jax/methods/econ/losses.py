@@ -145,15 +145,12 @@ def update_reward_weights(weights: jax.Array, mean_components: jax.Array, learni
     Returns:
       [3] the new alpha, on the simplex.
     """
-    theta = jnp.log(weights)  # -inf for a zero weight: it stays zero
-    safe = jnp.where(jnp.isfinite(theta), theta, 0.0)
-
-    def loss(t):
-        return reward_weight_loss(jax.nn.softmax(jnp.where(jnp.isfinite(theta), t, -jnp.inf)), mean_components)
-
-    grad = jnp.where(jnp.isfinite(theta), jax.grad(loss)(safe), 0.0)
-    new = jax.nn.softmax(jnp.where(jnp.isfinite(theta), safe - learning_rate * grad, -jnp.inf))
-    return jnp.where(ready, new, weights)
+    # d/dtheta ||rbar - softmax(theta)||^2 = 2 alpha * (d - alpha . d), d = alpha - rbar; the step
+    # softmax(theta - lr g) is alpha exp(-lr g), normalised (a zero weight stays zero)
+    d = weights - mean_components
+    grad = 2.0 * weights * (d - weights @ d)
+    new = weights * jnp.exp(-learning_rate * grad)
+    return jnp.where(ready, new / new.sum(), weights)
 
 
 def td_target(reward: jax.Array, done: jax.Array, next_value: jax.Array, gamma: float) -> jax.Array:

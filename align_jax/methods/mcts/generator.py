@@ -433,14 +433,13 @@ class MCTSGenerator:
                 padded_rows = rows + [rows[-1]] * (size - len(rows))
                 t0 = time.perf_counter()
                 sampler = pool.sampler(model)
-                stages = getattr(sampler, "stage_seconds", None)  # test doubles may not keep it
-                before = stages["prefill"] if stages else 0.0
+                before = sampler.stage_seconds["prefill"]
                 out = sampler.generate(
                     [r.prompt_ids for r in padded_rows], key=jax.random.fold_in(wave_key, g), num_samples=c,
                     max_new_tokens=max_new, temperature=np.asarray([r.temperature for r in padded_rows], np.float32),
                     top_p=np.asarray([r.top_p for r in padded_rows], np.float32), stop=stop)
                 llm_s += time.perf_counter() - t0
-                prefill_s += (stages["prefill"] - before) if stages else 0.0
+                prefill_s += sampler.stage_seconds["prefill"] - before
                 t_host = time.perf_counter()
                 tokenizer = pool.tokenizer(model)
                 for r, row in enumerate(rows):
