@@ -59,26 +59,25 @@ def decode_flops(m: dict, tokens: float, context: float) -> float:
     return tokens * (2 * (m["body"] + m["head"]) + 4 * m["layers"] * m["heads"] * m["head_dim"] * context)
 
 
-def stage_work(row: dict, config: dict, m: dict) -> dict:
-    """``{stage: (prefill tokens, generated tokens, flops)}`` of one row."""
-    work = {}
+def stage_items(row: dict, config: dict) -> dict:
+    """``{stage: [(kind, tokens, length), ...]}`` of one row: ``("prefill", n, p)`` is n prompt tokens
+    of prompts of length p, ``("decode", n, c)`` n generated tokens at mean context c, ``("head", n, 0)``
+    n LM-head rows of prompts that are only prefilled (their next-token logits)."""
+    items = {}
     agents = row["agents"]
-    pre = gen = flops = 0.0
+    sampling = []
     for agent in agents:
         p = agent["cost"]["prompt_tokens"]
-        lengths = [s["tokens"] for s in agent["samples"]]
-        pre += p
-        gen += sum(lengths)
-        flops += prefill_flops(m, p, p) + sum(decode_flops(m, n, p + n / 2) for n in lengths)
-    work["sampling"] = (pre, gen, flops)
+        sampling.append(("prefill", p, p))
+        sampling += [("decode", n, p + n / 2) for n in (s["tokens"] for s in agent["samples"])]
+    items["sampling"] = sampling
 
     cost = row["principal"].get("cost") or {}
     p, g, calls = cost.get("prompt_tokens", 0), cost.get("gen_tokens", 0), max(cost.get("calls", 1), 1)
     # per call: prompts of mean length p / calls, one LM-head row each (or the generated tokens)
-    flops = prefill_flops(m, p, p / calls) + calls * 2 * m["head"] + decode_flops(m, g, p / calls + g / calls / 2)
-    work["principal"] = (p, g, flops)
+    items["principal"] = [("prefill", p, p / calls), ("head", calls, 0), ("decode", g, p / calls + g / calls / 2)]
 
-    seen, pre, gen, flops = set(), 0.0, 0.0, 0.0
+    seen, greedy = set(), []
     for agent_cfg, name in zip(config["agents"], [a["name"] for a in agents]):
         prompt = (agent_cfg.get("model"), agent_cfg["prompt_style"], agent_cfg.get("num_fewshot"))
         record = row["methods"].get(f"greedy/{name}")
@@ -86,9 +85,8 @@ def stage_work(row: dict, config: dict, m: dict) -> dict:
             continue
         seen.add(prompt)
         p, g = record["cost"]["prompt_tokens"], record["cost"]["gen_tokens"]
-        pre, gen = pre + p, gen + g
-        flops += prefill_flops(m, p, p) + decode_flops(m, g, p + g / 2)
-    work["greedy"] = (pre, gen, flops)
+        greedy += [("prefill", p, p), ("decode", g, p + g / 2)]
+    items["greedy"] = greedy
 
     debate = row["methods"].get("debate")
     if debate is not None:
@@ -97,7 +95,26 @@ def stage_work(row: dict, config: dict, m: dict) -> dict:
         turns = max(debate["cost"]["calls"] - len(agents), 1)
         p = debate["cost"]["prompt_tokens"] - first_pre
         g = debate["cost"]["gen_tokens"] - first_gen
-        work["debate"] = (p, g, prefill_flops(m, p, p / turns) + decode_flops(m, g, p / turns + g / turns / 2))
+        items["debate"] = [("prefill", p, p / turns), ("decode", g, p / turns + g / turns / 2)]
+    return items
+
+
+def item_flops(m: dict, kind: str, tokens: float, length: float) -> float:
+    """Model FLOPs of one :func:`stage_items` entry."""
+    if kind == "prefill":
+        return prefill_flops(m, tokens, length)
+    if kind == "decode":
+        return decode_flops(m, tokens, length)
+    return tokens * 2 * m["head"]
+
+
+def stage_work(row: dict, config: dict, m: dict) -> dict:
+    """``{stage: (prefill tokens, generated tokens, flops)}`` of one row."""
+    work = {}
+    for stage, items in stage_items(row, config).items():
+        pre = sum(n for kind, n, _ in items if kind == "prefill")
+        gen = sum(n for kind, n, _ in items if kind == "decode")
+        work[stage] = (pre, gen, sum(item_flops(m, *item) for item in items))
     return work
 
 
@@ -112,6 +129,110 @@ def bench_peak(m: dict, path: Path = BENCH) -> tuple[float, str]:
             if rate > best:
                 best, label = rate, f"{who} prefill at B={row['batch']} x {length:.0f} prompt tokens"
     return best, label
+
+
+def measure_rates(model: str, param_dtype: str = "bfloat16", *, rows=(64, 128, 192, 256),
+                  contexts=(384, 768, 1280), prompts=((16, 128), (8, 384), (4, 768)), reps: int = 3) -> dict:
+    """This machine's best seconds per token of our decoder, measured now (compile excluded).
+
+    ``decode[S]``: the least seconds per generated token over R in ``rows`` of one decode step
+    (:func:`align_jax.llm.decoding.step`: the model and the LM head, no token choice) with S cache
+    slots all visible; ``prefill[P]``: seconds per prompt token of :func:`~align_jax.llm.decoding.prefill`
+    for B prompts of P tokens. Every figure is the median of ``reps`` timed calls after a warm call.
+    """
+    import time
+
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from align_jax.llm import decoding
+    from align_jax.llm.model import init_cache
+    from align_jax.llm.weights import load_pretrained
+
+    loaded = load_pretrained(model, dtype="float32", param_dtype=param_dtype)
+    graphdef, params = nnx.split(loaded.model)
+    cfg = loaded.config
+
+    def timed(fn) -> float:
+        jax.block_until_ready(fn())
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            jax.block_until_ready(fn())
+            times.append(time.perf_counter() - t0)
+        return float(np.median(times))
+
+    decode, per_row = {}, {}
+    for slots in contexts:
+        for r in rows:
+            used = slots - reps - 2  # slots already holding a token; the timed steps write the rest
+            state = decoding.DecodeState(init_cache(cfg, r, slots), jnp.ones((r, slots), bool),
+                                         jnp.full((r,), used, jnp.int32), jnp.asarray(used, jnp.int32))
+            tokens = jnp.full((r,), 100, jnp.int32)
+            box = [state]
+
+            def one_step():
+                logits, box[0] = decoding.step(graphdef, params, box[0], tokens)
+                return logits
+
+            per_row[(slots, r)] = timed(one_step) / r
+            print(f"  decode R={r:4d} S={slots:5d}: {per_row[(slots, r)] * 1e3:.2f} ms per token", file=sys.stderr)
+        decode[slots] = min(per_row[(slots, r)] for r in rows)
+    prefill = {}
+    for b, length in prompts:
+        tokens = jnp.full((b, length), 100, jnp.int32)
+        lengths = jnp.full((b,), length, jnp.int32)
+        seconds = timed(lambda: decoding.prefill(graphdef, params, tokens, lengths, num_samples=1, max_new_tokens=1))
+        prefill[length] = seconds / (b * length)
+        print(f"  prefill B={b} P={length}: {b * length / seconds:.0f} tok/s", file=sys.stderr)
+    return {"model": model, "param_dtype": param_dtype, "decode": decode, "prefill": prefill,
+            "decode_by_rows": {f"{s}x{r}": v for (s, r), v in per_row.items()}}
+
+
+def _interp(table: dict, x: float) -> float:
+    keys = sorted(table)
+    return float(np.interp(x, keys, [table[k] for k in keys]))
+
+
+def bound_seconds(items, rates: dict) -> float:
+    """Seconds of :func:`stage_items` entries at the measured best rates (a head row counts as
+    one decode token at the shortest measured context: an over-estimate of its share)."""
+    total = 0.0
+    for kind, tokens, length in items:
+        if kind == "prefill":
+            total += tokens * _interp(rates["prefill"], length)
+        elif kind == "decode":
+            total += tokens * _interp(rates["decode"], length)
+    return total
+
+
+def bound_table(run_dir: Path, rates: dict, before_s: float | None = None) -> str:
+    """Per stage: measured seconds per question against the same work at ``rates`` (perfect
+    batching, no padding, no compile, no host work)."""
+    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines() if line.strip()]
+    config = json.loads((run_dir / "config.json").read_text())
+    stages = ("sampling", "principal", "greedy", "debate")
+    dec = ", ".join(f"S={s}: {1 / v:.0f} tok/s" for s, v in sorted(rates["decode"].items()))
+    pre = ", ".join(f"P={p}: {1 / v:.0f} tok/s" for p, v in sorted(rates["prefill"].items()))
+    lines = [f"# The same work at our best measured rates ({run_dir}, {len(rows)} questions)", "",
+             f"Best decode rate over R in the measured batch sizes (one step = model + LM head, no token choice): {dec}.",
+             f"Prefill: {pre}.", "",
+             "| stage | measured s / q | at the best measured rates s / q | measured / bound |", "|---|---|---|---|"]
+    total_s = total_b = 0.0
+    for stage in stages:
+        per_row = [stage_items(r, config).get(stage) for r in rows]
+        if any(x is None for x in per_row):
+            continue
+        bound = float(np.mean([bound_seconds(x, rates) for x in per_row]))
+        seconds = float(np.mean([r["stage_wall_s"].get(stage, 0.0) for r in rows]))
+        total_s, total_b = total_s + seconds, total_b + bound
+        lines.append(f"| {stage} | {seconds:.1f} | {bound:.1f} | {seconds / bound:.2f}x |")
+    lines.append(f"| **all stages** | {total_s:.1f} | {total_b:.1f} | {total_s / total_b:.2f}x |")
+    if before_s:
+        lines += ["", f"Against the before run ({before_s:.1f} s / q), this bound is a speed-up of at most "
+                      f"{before_s / total_b:.2f}x; the 3x target needs {before_s / 3:.1f} s / q."]
+    return "\n".join(lines) + "\n"
 
 
 def account(run_dir: Path) -> str:
@@ -152,8 +273,27 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path, help="finished reason run directories (results.jsonl, config.json)")
     parser.add_argument("--out", type=Path, help="also write the tables here (markdown)")
+    parser.add_argument("--measure", action="store_true",
+                        help="also measure our decoder's best decode and prefill rates on this machine (loads the "
+                             "model, about 3 minutes) and add the table of each stage at those rates")
+    parser.add_argument("--before-s", type=float, help="seconds per question of the before run (for the bound's ratio)")
+    parser.add_argument("--rates-json", type=Path, help="write (or, when it exists and --measure is off, read) the measured rates")
     args = parser.parse_args(argv)
     text = "\n".join(account(run) for run in args.runs)
+    rates = None
+    if args.measure:
+        config = json.loads((args.runs[0] / "config.json").read_text())
+        rates = measure_rates(config["agents"][0]["model"], config.get("param_dtype", "bfloat16"))
+        if args.rates_json:
+            from align_jax.runio import atomic_write
+
+            atomic_write(args.rates_json, json.dumps(rates, indent=1, default=float))
+    elif args.rates_json and args.rates_json.exists():
+        raw = json.loads(args.rates_json.read_text())
+        rates = {**raw, "decode": {int(k): v for k, v in raw["decode"].items()},
+                 "prefill": {int(k): v for k, v in raw["prefill"].items()}}
+    if rates is not None:
+        text += "\n" + "\n".join(bound_table(run, rates, args.before_s) for run in args.runs)
     print(text)
     if args.out:
         from align_jax.runio import atomic_write
