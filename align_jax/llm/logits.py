@@ -45,6 +45,7 @@ __all__ = [
     "DEFAULT_NUM_CANDIDATES",
     "top_candidates",
     "argmax",
+    "tempered_logsumexp",
 ]
 
 DEFAULT_NUM_CANDIDATES = 64
@@ -148,6 +149,27 @@ def argmax(logits: jax.Array, *, block: int = 128) -> jax.Array:
     return (best * block + inner).astype(jnp.int32).reshape(lead)
 
 
+def tempered_logsumexp(logits: jax.Array, temperature: jax.Array) -> jax.Array:
+    """``jax.nn.logsumexp(logits / temperature[:, None], axis=-1)``, bit for bit, 3-4x faster on a CPU.
+
+    The row maximum is taken over ``logits`` and then divided (``max(x / T) == max(x) / T``
+    exactly for ``T > 0``: rounding a division is monotone), so the division is only computed
+    inside the sum of exponentials. XLA:CPU runs a maximum over ``logits / T`` about 4x slower
+    than the rest (70 ms against 18 ms for 128 rows of a 152k vocabulary). A non-finite maximum
+    is replaced by 0, as ``jax.nn.logsumexp`` does (a row of ``-inf`` gives ``-inf``).
+
+    Args:
+      logits: ``[R, V]``.
+      temperature: ``[R]``, every entry ``> 0``.
+
+    Returns:
+      ``[R]``.
+    """
+    top = jnp.max(logits, axis=-1, keepdims=True) / temperature[:, None]
+    top = jax.lax.stop_gradient(jnp.where(jnp.isfinite(top), top, 0.0))
+    return jnp.log(jnp.sum(jnp.exp(logits / temperature[:, None] - top), axis=-1)) + top[:, 0]
+
+
 def sample_tokens(
     keys: jax.Array,
     logits: jax.Array,
@@ -193,7 +215,7 @@ def sample_tokens(
 
     cand_logits, cand_ids = top_candidates(logits, num_cand)  # [R, C], sorted descending
     scaled = logits / safe_temp[:, None]
-    log_norm = jax.nn.logsumexp(scaled, axis=-1)  # [R]
+    log_norm = tempered_logsumexp(logits, safe_temp)  # [R]
     cand_logp = cand_logits / safe_temp[:, None] - log_norm[:, None]
     cand_p = jnp.exp(cand_logp)
     if top_k is not None:

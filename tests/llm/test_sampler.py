@@ -12,7 +12,7 @@ from flax import nnx
 
 from align_jax.llm import decoding
 from align_jax.llm import sampler as sampler_lib
-from align_jax.llm.logits import ban_tokens, compose_processors, sample_tokens, top_candidates
+from align_jax.llm.logits import ban_tokens, compose_processors, sample_tokens, tempered_logsumexp, top_candidates
 from align_jax.llm.model import ModelConfig, Transformer, forward, init_cache
 from align_jax.llm.sampler import Sampler, hidden_states, lm_head, prompt_bucket
 
@@ -490,6 +490,17 @@ def test_top_candidates_equal_lax_top_k_ids_and_tie_order(vocab, count, block):
     ref_values, ref_ids = jax.lax.top_k(logits, count)
     np.testing.assert_array_equal(np.asarray(values), np.asarray(ref_values))
     np.testing.assert_array_equal(np.asarray(ids), np.asarray(ref_ids))
+
+
+def test_tempered_logsumexp_is_bitwise_jax_logsumexp_of_the_tempered_logits():
+    """Same bits as ``jax.nn.logsumexp(logits / T)``, banned tokens, all-banned and +inf rows included."""
+    logits = jax.random.normal(jax.random.key(5), (7, 5000)) * 4.0
+    logits = logits.at[1, ::3].set(-jnp.inf).at[2, :].set(-jnp.inf).at[3, 17].set(jnp.inf)
+    temperature = jnp.asarray([0.7, 1.0, 0.3, 1.3, 1e-3, 2.0, 0.95])
+    got = jax.jit(tempered_logsumexp)(logits, temperature)
+    ref = jax.jit(lambda x, t: jax.nn.logsumexp(x / t[:, None], axis=-1))(logits, temperature)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(ref))
+    assert np.isneginf(np.asarray(got)[2]) and np.isposinf(np.asarray(got)[3])
 
 
 def test_all_greedy_fast_path_equals_general_path():
