@@ -458,3 +458,40 @@ def test_cost_accounting_counts_each_stage_once_by_hand():
     assert work["principal"][2] == pytest.approx(prefill(40, 20) + 2 * 2 * 80)
     assert work["greedy"] == pytest.approx((10, 3, prefill(10, 10) + decode(3, 11.5)))  # one decode for both
     assert work["debate"] == pytest.approx((60, 8, prefill(60, 30) + decode(8, 32)))  # 2 turns after round 0
+
+
+def test_cost_accounting_bound_uses_the_measured_rates_by_hand():
+    """The bound prices every prefill token at the measured rate of its prompt length and every generated
+    token at the rate of its context (linear between measured points, flat outside), nothing else."""
+    acc = _script("reason_cost_accounting")
+    config = {"agents": [{"model": "x", "prompt_style": "zero_shot_cot"}]}
+    row = {"agents": [{"name": "a", "cost": {"prompt_tokens": 100}, "samples": [{"tokens": 40}, {"tokens": 200}]}],
+           "principal": {"cost": {"calls": 1, "prompt_tokens": 300, "gen_tokens": 0}}, "methods": {}}
+    rates = {"prefill": {100: 1e-3, 300: 2e-3}, "decode": {100: 4e-3, 300: 8e-3}}
+    items = acc.stage_items(row, config)
+    # sampling: 100 prompt tokens at length 100; 40 tokens at context 120, 200 at context 200
+    assert acc.bound_seconds(items["sampling"], rates) == pytest.approx(100 * 1e-3 + 40 * 4.4e-3 + 200 * 6e-3)
+    # principal: 300 prompt tokens of length 300, its LM-head row is not priced
+    assert acc.bound_seconds(items["principal"], rates) == pytest.approx(300 * 2e-3)
+    assert acc.bound_seconds([("decode", 10, 1000)], rates) == pytest.approx(10 * 8e-3)  # beyond the last point
+
+
+def test_window_times_and_accuracy_table_pair_runs_by_question(tmp_path):
+    """Windows are found from their shared window_wall_s; the accuracy table pairs questions across runs."""
+    tool = _script("reason_window_times")
+
+    def write(name, walls, correct):
+        run = tmp_path / name
+        run.mkdir()
+        rows = [{"question_id": f"q{i}", "window_wall_s": walls[i // 2],
+                 "methods": {"align": {"correct": float(c)}}} for i, c in enumerate(correct)]
+        (run / "results.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        return run
+
+    a = write("a", [40.0, 20.0], [1, 0, 1, 1])
+    b = write("b", [10.0], [1, 1])  # one window: the first two questions
+    assert tool.windows(a) == {("q0", "q1"): 20.0, ("q2", "q3"): 10.0}
+    text = tool.table([a, b])
+    assert "| q0 | 2 | 20.0 | 5.0 | 4.00x |" in text and "q2" not in text
+    acc = tool.accuracy_table([a, b])
+    assert "on the 2 questions" in acc and "| align | 0.500 | 1.000 | +0.500 [" in acc
