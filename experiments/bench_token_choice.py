@@ -21,28 +21,15 @@ import argparse
 import json
 import os
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from align_jax.llm.logits import sample_tokens, top_candidates
+from bench_qmatmul import timed  # the sibling script (experiments/ is the script's directory)
 
 VOCAB, COUNT = 151_936, 64
-
-
-def timed(fn, *args, reps: int) -> tuple[float, float]:
-    """(compile + first call seconds, median steady seconds)."""
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    first = time.perf_counter() - t0
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return first, float(np.median(times))
 
 
 def main(argv=None) -> int:

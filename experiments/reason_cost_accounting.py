@@ -294,13 +294,18 @@ def main(argv=None) -> int:
                  "prefill": {int(k): v for k, v in raw["prefill"].items()}}
     if rates is not None:
         text += "\n" + "\n".join(bound_table(run, rates, args.before_s) for run in args.runs)
+    emit(text, args.out)
+    return 0
+
+
+def emit(text: str, out: Path | None) -> None:
+    """Print ``text`` and, with ``out``, also write it there atomically."""
     print(text)
-    if args.out:
+    if out:
         from align_jax.runio import atomic_write
 
-        atomic_write(args.out, text)
-        print(f"wrote {args.out}", file=sys.stderr)
-    return 0
+        atomic_write(out, text)
+        print(f"wrote {out}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 
@@ -91,12 +90,9 @@ def main(argv=None) -> int:
     text = "\n".join(f"run {i + 1}: `{run}`" for i, run in enumerate(args.runs)) + "\n\n" + table(args.runs)
     if args.accuracy:
         text += "\n" + accuracy_table(args.runs)
-    print(text)
-    if args.out:
-        from align_jax.runio import atomic_write
+    from reason_cost_accounting import emit  # the sibling script (experiments/ is the script's directory)
 
-        atomic_write(args.out, text)
-        print(f"wrote {args.out}", file=sys.stderr)
+    emit(text, args.out)
     return 0
 
 
