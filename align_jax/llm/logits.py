@@ -82,8 +82,8 @@ def top_candidates(logits: jax.Array, count: int, *, block: int = 64) -> tuple[j
     Cost: one max over the vocabulary and two small ``top_k``s (over ``V / block`` maxima and
     ``count * block`` entries). At R = 128 rows of a 152k vocabulary and C = 64 this takes
     9 ms on this repository's 2-core CPU, against 31 ms for ``lax.top_k`` over the whole
-    vocabulary and 206 ms for the earlier per-block ``top_k`` (``experiments/bench_sampler.py``
-    measures the decode step that uses it).
+    vocabulary and 206 ms for the earlier per-block ``top_k``
+    (``experiments/bench_token_choice.py``).
 
     Args:
       logits: ``[R, V]``.
