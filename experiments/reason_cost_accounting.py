@@ -140,8 +140,6 @@ def measure_rates(model: str, param_dtype: str = "bfloat16", *, rows=(64, 128, 1
     slots all visible; ``prefill[P]``: seconds per prompt token of :func:`~align_jax.llm.decoding.prefill`
     for B prompts of P tokens. Every figure is the median of ``reps`` timed calls after a warm call.
     """
-    import time
-
     import jax
     import jax.numpy as jnp
     from flax import nnx
@@ -154,14 +152,10 @@ def measure_rates(model: str, param_dtype: str = "bfloat16", *, rows=(64, 128, 1
     graphdef, params = nnx.split(loaded.model)
     cfg = loaded.config
 
+    from bench_qmatmul import timed as timed_call  # the sibling script (experiments/ is the script's directory)
+
     def timed(fn) -> float:
-        jax.block_until_ready(fn())
-        times = []
-        for _ in range(reps):
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times.append(time.perf_counter() - t0)
-        return float(np.median(times))
+        return timed_call(fn, reps=reps)[1]
 
     decode, per_row = {}, {}
     for slots in contexts:
@@ -196,8 +190,8 @@ def _interp(table: dict, x: float) -> float:
 
 
 def bound_seconds(items, rates: dict) -> float:
-    """Seconds of :func:`stage_items` entries at the measured best rates (a head row counts as
-    one decode token at the shortest measured context: an over-estimate of its share)."""
+    """Seconds of :func:`stage_items` entries at the measured best rates. ``"head"`` rows (the LM head
+    of a prompt that is only prefilled) are not priced, so the bound errs low."""
     total = 0.0
     for kind, tokens, length in items:
         if kind == "prefill":
@@ -210,8 +204,9 @@ def bound_seconds(items, rates: dict) -> float:
 def bound_table(run_dir: Path, rates: dict, before_s: float | None = None) -> str:
     """Per stage: measured seconds per question against the same work at ``rates`` (perfect
     batching, no padding, no compile, no host work)."""
-    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines() if line.strip()]
+    rows = run_rows(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
+    items = [stage_items(r, config) for r in rows]
     stages = ("sampling", "principal", "greedy", "debate")
     dec = ", ".join(f"S={s}: {1 / v:.0f} tok/s" for s, v in sorted(rates["decode"].items()))
     pre = ", ".join(f"P={p}: {1 / v:.0f} tok/s" for p, v in sorted(rates["prefill"].items()))
@@ -221,7 +216,7 @@ def bound_table(run_dir: Path, rates: dict, before_s: float | None = None) -> st
              "| stage | measured s / q | at the best measured rates s / q | measured / bound |", "|---|---|---|---|"]
     total_s = total_b = 0.0
     for stage in stages:
-        per_row = [stage_items(r, config).get(stage) for r in rows]
+        per_row = [x.get(stage) for x in items]
         if any(x is None for x in per_row):
             continue
         bound = float(np.mean([bound_seconds(x, rates) for x in per_row]))
@@ -235,8 +230,15 @@ def bound_table(run_dir: Path, rates: dict, before_s: float | None = None) -> st
     return "\n".join(lines) + "\n"
 
 
+def run_rows(run_dir: Path) -> list[dict]:
+    """The rows of a run's ``results.jsonl`` (the runner's reader: a corrupt line names file and line)."""
+    from align_jax.runio import read_jsonl
+
+    return [row for _, row in read_jsonl(run_dir / "results.jsonl")]
+
+
 def account(run_dir: Path) -> str:
-    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines() if line.strip()]
+    rows = run_rows(run_dir)
     config = json.loads((run_dir / "config.json").read_text())
     models = {a["model"] for a in config["agents"]}
     if len(models) != 1:

@@ -18,13 +18,19 @@ resamples of the shared questions, seed 0): whether the runs agree within their 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+
+def run_rows(run_dir: Path) -> list[dict]:
+    """The rows of a run's ``results.jsonl`` (the runner's reader: a corrupt line names file and line)."""
+    from align_jax.runio import read_jsonl
+
+    return [row for _, row in read_jsonl(run_dir / "results.jsonl")]
 
 
 def windows(run_dir: Path) -> dict[tuple, float]:
     """``{question ids of a window: seconds per question}`` of a run's ``results.jsonl``."""
-    rows = [json.loads(line) for line in (run_dir / "results.jsonl").read_text().splitlines() if line.strip()]
+    rows = run_rows(run_dir)
     groups: dict[float, list] = {}
     for row in rows:  # the rows of one window share its window_wall_s (one float, written once per window)
         groups.setdefault(row["window_wall_s"], []).append(row["question_id"])
@@ -56,10 +62,7 @@ def accuracy_table(runs: list[Path], resamples: int = 2000) -> str:
     """Per method: accuracy in each run on the shared questions, and ``run k - run 1`` [95% CI]."""
     import numpy as np
 
-    per_run = []
-    for run in runs:
-        rows = [json.loads(line) for line in (run / "results.jsonl").read_text().splitlines() if line.strip()]
-        per_run.append({row["question_id"]: row["methods"] for row in rows})
+    per_run = [{row["question_id"]: row["methods"] for row in run_rows(run)} for run in runs]
     shared = [q for q in per_run[0] if all(q in other for other in per_run[1:])]
     methods = [m for m in per_run[0][shared[0]] if all(m in other[q] for other in per_run for q in shared)]
     rng = np.random.default_rng(0)

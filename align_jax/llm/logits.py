@@ -214,7 +214,6 @@ def sample_tokens(
     uniforms = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
 
     cand_logits, cand_ids = top_candidates(logits, num_cand)  # [R, C], sorted descending
-    scaled = logits / safe_temp[:, None]
     log_norm = tempered_logsumexp(logits, safe_temp)  # [R]
     cand_logp = cand_logits / safe_temp[:, None] - log_norm[:, None]
     cand_p = jnp.exp(cand_logp)
@@ -231,6 +230,7 @@ def sample_tokens(
     token = cand_token
     sampling_lp = cand_lp
     if full_vocab and top_k is None:
+        scaled = logits / safe_temp[:, None]
         full_p = jnp.exp(scaled - log_norm[:, None])
         full_token = _inverse_cdf(full_p, uniforms)
         full_lp = jnp.take_along_axis(scaled, full_token[:, None], axis=-1)[:, 0] - log_norm
