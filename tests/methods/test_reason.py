@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import re
 import textwrap
 from pathlib import Path
 
@@ -495,3 +496,20 @@ def test_window_times_and_accuracy_table_pair_runs_by_question(tmp_path):
     assert "| q0 | 2 | 20.0 | 5.0 | 4.00x |" in text and "q2" not in text
     acc = tool.accuracy_table([a, b])
     assert "on the 2 questions" in acc and "| align | 0.500 | 1.000 | +0.500 [" in acc
+
+    # 40 questions, 4 methods: each family-wise interval (at 1 - 0.05/4) strictly contains the 95% one
+    rng = np.random.default_rng(1)
+    names = ["m0", "m1", "m2", "m3"]
+    runs = []
+    for r in range(2):
+        run = tmp_path / f"f{r}"
+        run.mkdir()
+        rows = [{"question_id": f"q{i}", "window_wall_s": 1.0,
+                 "methods": {m: {"correct": float(rng.random() < 0.5)} for m in names}} for i in range(40)]
+        (run / "results.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+        runs.append(run)
+    lines = [x for x in tool.accuracy_table(runs).splitlines() if re.match(r"\| m\d \|", x)]
+    assert len(lines) == 4
+    for line in lines:
+        (lo, hi), (flo, fhi) = [(float(x), float(y)) for x, y in re.findall(r"\[([-+.\d]+), ([-+.\d]+)\]", line)]
+        assert flo < lo <= hi < fhi, line
