@@ -79,6 +79,7 @@ from align_jax.llm.decoding import (
     step,
 )
 from align_jax.llm.logits import DEFAULT_NUM_CANDIDATES
+from align_jax.llm.tokenizer import token_ids
 
 __all__ = [
     "Sampler",
@@ -286,24 +287,8 @@ class Sampler:
         if len(prompts) == 0:
             raise ValueError("prompts is empty: pass at least one prompt")
         vocab = self.config.vocab_size
-        out = []
-        for i, prompt in enumerate(prompts):
-            if isinstance(prompt, str):
-                if self.tokenizer is None:
-                    raise ValueError(f"prompt {i} is a string but the sampler has no tokenizer; pass token ids")
-                ids = list(self.tokenizer.encode(prompt, add_special_tokens=add_special_tokens))
-            else:
-                arr = np.asarray(prompt)
-                if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-                    raise ValueError(f"prompt {i} must be a string or a 1-D sequence of int token ids, got {arr.dtype}{list(arr.shape)}")
-                ids = [int(t) for t in arr]
-            if not ids:
-                raise ValueError(f"prompt {i} is empty (0 tokens): at least one token is needed to condition on")
-            bad = [t for t in ids if t < 0 or t >= vocab]
-            if bad:
-                raise ValueError(f"prompt {i} has token id {bad[0]} outside the vocabulary [0, {vocab})")
-            out.append(ids)
-        return out
+        return [token_ids(prompt, "prompt", i, self.tokenizer, vocab, add_special_tokens=add_special_tokens,
+                          no_tokenizer="the sampler has no tokenizer") for i, prompt in enumerate(prompts)]
 
     def prepare(self, prompts: Sequence, *, num_samples: int = 1, max_new_tokens: int = 128,
                 temperature=1.0, top_p=1.0, add_special_tokens: bool = False) -> PreparedBatch:

@@ -36,6 +36,7 @@ from flax import nnx
 
 from align_jax.llm import sharding
 from align_jax.llm.decoding import TRACE_COUNTS, hidden_states, lm_head, prompt_bucket
+from align_jax.llm.tokenizer import token_ids
 
 __all__ = ["ScoreOutput", "score_continuations", "token_logprobs", "mean_hidden", "text_embeddings"]
 
@@ -93,24 +94,6 @@ def token_logprobs(graphdef, state, tokens, total_lengths, *, mesh=None):
     return jnp.where(valid & (positions > 0), lp, 0.0)
 
 
-def _as_ids(item, what: str, index: int, tokenizer, vocab: int, add_special_tokens: bool) -> list[int]:
-    if isinstance(item, str):
-        if tokenizer is None:
-            raise ValueError(f"{what} {index} is a string but no tokenizer was given; pass token ids")
-        ids = list(tokenizer.encode(item, add_special_tokens=add_special_tokens))
-    else:
-        arr = np.asarray(item)
-        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
-            raise ValueError(f"{what} {index} must be a string or a 1-D sequence of int token ids")
-        ids = [int(t) for t in arr]
-    if not ids:
-        raise ValueError(f"{what} {index} is empty (0 tokens)")
-    bad = [t for t in ids if t < 0 or t >= vocab]
-    if bad:
-        raise ValueError(f"{what} {index} has token id {bad[0]} outside the vocabulary [0, {vocab})")
-    return ids
-
-
 def score_continuations(model, tokenizer=None, prompts: Sequence = (), continuations: Sequence = (), *,
                         batch_size: int = 4, min_bucket: int = 16,
                         add_special_tokens: bool = False, mesh: jax.sharding.Mesh | None = None) -> ScoreOutput:
@@ -159,10 +142,10 @@ def score_continuations(model, tokenizer=None, prompts: Sequence = (), continuat
     if len(prompts) not in (1, num):
         raise ValueError(f"got {len(prompts)} prompts for {num} continuations; pass one prompt or one per continuation")
     vocab = config.vocab_size
-    prompt_ids = [_as_ids(p, "prompt", i, tokenizer, vocab, add_special_tokens) for i, p in enumerate(prompts)]
+    prompt_ids = [token_ids(p, "prompt", i, tokenizer, vocab, add_special_tokens=add_special_tokens) for i, p in enumerate(prompts)]
     if len(prompt_ids) == 1:
         prompt_ids = prompt_ids * num
-    cont_ids = [_as_ids(c, "continuation", i, tokenizer, vocab, False) for i, c in enumerate(continuations)]
+    cont_ids = [token_ids(c, "continuation", i, tokenizer, vocab) for i, c in enumerate(continuations)]
     totals = np.asarray([len(p) + len(c) for p, c in zip(prompt_ids, cont_ids)], np.int32)
     context = config.max_position_embeddings
     too_long = np.flatnonzero(totals > context)

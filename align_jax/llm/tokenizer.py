@@ -24,7 +24,7 @@ import os
 import pathlib
 from typing import Any, Iterable, Sequence
 
-__all__ = ["ChatTokenizer", "TokenizerError", "END_OF_TURN_TOKENS", "read_gguf_tokenizer_metadata"]
+__all__ = ["ChatTokenizer", "TokenizerError", "END_OF_TURN_TOKENS", "read_gguf_tokenizer_metadata", "token_ids"]
 
 # Tokens that end an assistant turn in the chat templates of the families we support.
 END_OF_TURN_TOKENS = (
@@ -42,6 +42,44 @@ _TOKENIZER_META = "align_jax_tokenizer.json"
 # GGUF token_type values (llama.cpp `llama_token_type`).
 _TOKEN_TYPE_CONTROL = 3
 _TOKEN_TYPE_USER_DEFINED = 4
+
+
+def token_ids(item, what: str, index: int, tokenizer, vocab: int, *, add_special_tokens: bool = False,
+              no_tokenizer: str = "no tokenizer was given") -> list[int]:
+    """``item`` (a string, encoded by ``tokenizer``, or a 1-D sequence of int ids) as a checked id list.
+
+    The shared input check of the sampler's prompts and the scorer's prompts and continuations.
+
+    Args:
+      item: a string or a 1-D integer sequence.
+      what, index: how the error names the item (``"prompt", 3`` -> ``prompt 3 ...``).
+      tokenizer: encodes strings; None when the caller has none.
+      vocab: the model's vocabulary size; every id must lie in ``[0, vocab)``.
+      add_special_tokens: passed to ``tokenizer.encode``.
+      no_tokenizer: the clause naming the missing tokenizer in the error for a string item.
+
+    Raises:
+      ValueError: a string without a tokenizer, a non-1-D or non-integer sequence, no tokens, or an
+        id outside the vocabulary, each naming ``what`` and ``index``.
+    """
+    import numpy as np
+
+    if isinstance(item, str):
+        if tokenizer is None:
+            raise ValueError(f"{what} {index} is a string but {no_tokenizer}; pass token ids")
+        ids = list(tokenizer.encode(item, add_special_tokens=add_special_tokens))
+    else:
+        arr = np.asarray(item)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise ValueError(f"{what} {index} must be a string or a 1-D sequence of int token ids, "
+                             f"got {arr.dtype}{list(arr.shape)}")
+        ids = [int(x) for x in arr]
+    if not ids:
+        raise ValueError(f"{what} {index} is empty (0 tokens): at least one token is needed")
+    bad = [x for x in ids if x < 0 or x >= vocab]
+    if bad:
+        raise ValueError(f"{what} {index} has token id {bad[0]} outside the vocabulary [0, {vocab})")
+    return ids
 
 
 class TokenizerError(ValueError):

@@ -205,3 +205,19 @@ def test_real_tokenizer_roundtrip_any_unicode(name):
         assert tok.decode(tok.encode(text), skip_special_tokens=False) == expected
 
     roundtrip()
+
+
+@pytest.mark.parametrize("item,match", [
+    ("text", "continuation 2 is a string but no tokenizer was given; pass token ids"),
+    ([[1, 2]], r"continuation 2 must be a string or a 1-D sequence of int token ids, got int64\[1, 2\]"),
+    ([1.5], r"got float64\[1\]"),
+    ([], "continuation 2 is empty"),
+    ([3, -1], r"continuation 2 has token id -1 outside the vocabulary \[0, 10\)"),
+    ([3, 10], "token id 10 outside"),
+])
+def test_token_ids_names_the_item_in_every_error(item, match):
+    from align_jax.llm.tokenizer import token_ids
+
+    with pytest.raises(ValueError, match=match):
+        token_ids(item, "continuation", 2, None, 10)
+    assert token_ids(np.asarray([0, 9], np.int32), "prompt", 0, None, 10) == [0, 9]
