@@ -91,13 +91,13 @@ def main(argv=None) -> int:
             ws = (0.02 * rng.standard_normal(shape, dtype=np.float32)).astype(jnp.bfloat16)
             # separate weight arrays, as the decoder's layers hold them (a Python loop over layers)
             fn = jax.jit(lambda a, bs, c=contract: [_mixed_dot(a, b, c, jnp.float32) for b in bs])
-            compile_s, ours = timed(fn, jnp.asarray(x), [jnp.asarray(w) for w in ws], reps=args.reps)
-            ours /= count
-            ref = torch_seconds(x, np.asarray(ws, np.float32).transpose(0, 2, 1) if contract
-                                else np.asarray(ws, np.float32), args.reps) / count
+            compile_s, shape_ours = timed(fn, jnp.asarray(x), [jnp.asarray(w) for w in ws], reps=args.reps)
+            shape_torch = torch_seconds(x, np.asarray(ws, np.float32).transpose(0, 2, 1) if contract
+                                        else np.asarray(ws, np.float32), args.reps)
+            step_ours += shape_ours
+            step_torch += shape_torch
+            ours, ref = shape_ours / count, shape_torch / count  # per weight matrix
             flops = 2.0 * r * k * n
-            step_ours += count * ours
-            step_torch += count * ref
             print(f"{r:4d} {name:>8} {f'{k}x{n}':>14} {1e3 * ours:9.3f} {1e3 * ref:9.3f} {flops / ours / 1e9:10.0f} "
                   f"{flops / ref / 1e9:11.0f} {ref / ours:10.2f}x {compile_s:10.2f}", flush=True)
             results.append({"rows": r, "matmul": name, "k": k, "n": n, "ours_s": ours, "torch_s": ref,
